@@ -1,0 +1,40 @@
+"""Quickstart: a small NULL on the built-in encyclopedia, a few minutes on a laptop CPU.
+
+  sinkformer train --config experiments/quickstart.py --workdir runs/quickstart
+  sinkformer train --config experiments/quickstart.py:dense --workdir runs/quickstart-dense
+
+Presets (comma-separated after ':'): dense = the standard-transformer control of equal size;
+smoke = a few steps of a tiny model (tests); bf16 = bfloat16 compute with float32 params.
+Geometry follows method.md section 5: G = 96 of I = 512 (~19%), k/P = 16/416 (~3.8%).
+"""
+
+import ml_collections
+
+from sinkformer.config import apply_presets
+
+PRESETS = {
+    "dense": {"model.kind": "dense"},
+    "smoke": {"model.d_model": 64, "model.num_layers": 2, "model.num_heads": 2,
+              "model.num_kv_heads": 1, "model.head_dim": 32, "model.mlp_backbone": 32,
+              "sinks.num": 96, "sinks.k": 8, "data.num_sources": 64, "data.val_sources": 16,
+              "train.batch_size": 8, "train.steps": 6, "train.warmup_steps": 2,
+              "train.log_every": 3, "train.eval_every": 6, "train.eval_batches": 1},
+    "bf16": {"model.dtype": "bfloat16"},
+}
+
+
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = dict(kind="null", vocab_size=256, d_model=128, num_layers=4, num_heads=4,
+                 num_kv_heads=2, head_dim=32, mlp_backbone=96, rope_base=1e4, norm_eps=1e-5,
+                 tie_embeddings=False, dtype="float32")
+  c.sinks = dict(num=416, k=16, selection="exact", per_layer=False, seed=0,
+                 backbone_rescale=False, attn_heads=0, attn_k=0)
+  c.data = dict(corpus="builtin", num_sources=400, val_sources=64, facts_per_source=3, seed=0,
+                seq_len=128, max_docs_per_row=8)
+  c.train = dict(steps=160, batch_size=16, grad_accum=1, lr=2e-3, min_lr_ratio=0.1,
+                 warmup_steps=16, weight_decay=0.1, b1=0.9, b2=0.95, clip_norm=1.0,
+                 log_every=10, eval_every=40, eval_batches=4)   # 160 steps ~ 25 epochs
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  return apply_presets(c, arg, PRESETS)

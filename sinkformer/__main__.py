@@ -1,0 +1,3 @@
+from sinkformer.cli import main
+
+main()

@@ -1,0 +1,118 @@
+"""Loading experiment configs and rejecting the ones that cannot work, before compiling."""
+
+from __future__ import annotations
+
+import math
+
+from absl import flags
+from ml_collections import config_flags
+
+from sinkformer.errors import ConfigError, UserError, one_line
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def define_config_flag(fv: flags.FlagValues, argv: list[str]):
+  """`--config=experiments/x.py[:presets]` with `--config.a.b=v` overrides found in argv."""
+  config_flags.DEFINE_config_file(
+      "config", None, "experiment config: experiments/NAME.py[:presets]; override fields "
+      "with --config.a.b=v", flag_values=fv, lock_config=True, sys_argv=argv)
+
+
+def load(spec: str, overrides: tuple[str, ...] = ()):
+  """`experiments/x.py[:presets]` plus `--config.a.b=v` overrides -> locked ConfigDict.
+
+  The same parser as the CLI, so a typo'd key fails the same way.
+  """
+  fv = flags.FlagValues()
+  argv = ["sinkformer", f"--config={spec}", *overrides]
+  define_config_flag(fv, argv)
+  try:
+    fv(argv)
+    fv.config.to_dict()   # config files load lazily: surface a load error here
+    return fv.config
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError) as e:
+    raise UserError(f"cannot load config {spec!r}: {one_line(e)}") from None
+
+
+def apply_presets(c, arg: str | None, known: dict):
+  """Apply the comma-separated presets of a `get_config` arg ("dense,smoke") in order.
+
+  A preset is a dict of "section.field" -> value; an unknown name is an error.
+  """
+  for name in [a for a in (arg or "").split(",") if a]:
+    if name not in known:
+      raise UserError(f"unknown preset {name!r}; available: {', '.join(known)}")
+    for key, value in known[name].items():
+      section, field = key.split(".")
+      c[section][field] = value
+  return c
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+  """Axis sizes with at most one -1 inferred so that their product is `num_devices`."""
+  sizes = [mesh_cfg[a] for a in MESH_AXES]
+  for axis, size in zip(MESH_AXES, sizes):
+    if size == 0 or size < -1:
+      raise ConfigError(f"mesh.{axis}", f"size {size} must be positive or -1 (infer)")
+  if sizes.count(-1) > 1:
+    raise ConfigError("mesh", "at most one axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ConfigError("mesh", f"fixed axes ({known} devices) do not divide the "
+                        f"{num_devices} available devices")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ConfigError("mesh", f"{dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+                      f"devices but {num_devices} are available")
+  return tuple(sizes)
+
+
+def _require(ok: bool, field: str, message: str):
+  if not ok:
+    raise ConfigError(field, message)
+
+
+def validate(cfg, num_devices: int) -> tuple[int, ...]:
+  """Raise ConfigError naming the first field that cannot work; return the mesh shape."""
+  m, s, t, d = cfg.model, cfg.sinks, cfg.train, cfg.data
+  _require(m.kind in ("null", "dense"), "model.kind", f"{m.kind!r} is not 'null' or 'dense'")
+  _require(m.dtype in ("float32", "bfloat16"), "model.dtype", f"{m.dtype!r} is not float32/bfloat16")
+  for f in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "mlp_backbone"):
+    _require(m[f] > 0, f"model.{f}", f"must be positive, got {m[f]}")
+  _require(m.num_heads % m.num_kv_heads == 0, "model.num_heads",
+           f"{m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}")
+  _require(m.head_dim % 2 == 0, "model.head_dim", f"{m.head_dim} must be even for RoPE")
+  _require(s.num > 0, "sinks.num", f"must be positive, got {s.num}")
+  _require(0 < s.k <= s.num, "sinks.k", f"{s.k} must be in 1..sinks.num={s.num}")
+  _require(s.selection in ("exact", "bernoulli"), "sinks.selection",
+           f"{s.selection!r} is not 'exact' or 'bernoulli'")
+  _require(0 <= s.attn_heads < m.num_heads, "sinks.attn_heads",
+           f"{s.attn_heads} must be in 0..model.num_heads-1={m.num_heads - 1}")
+  _require(s.attn_heads == 0 or 0 < s.attn_k <= s.attn_heads, "sinks.attn_k",
+           f"{s.attn_k} must be in 1..sinks.attn_heads={s.attn_heads}")
+  _require(d.seq_len > 1, "data.seq_len", f"must be > 1, got {d.seq_len}")
+  _require(d.max_docs_per_row >= 1, "data.max_docs_per_row", "must be >= 1")
+  _require(t.steps > 0, "train.steps", f"must be positive, got {t.steps}")
+  _require(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
+           f"{t.grad_accum} must divide train.batch_size={t.batch_size}")
+  _require(0 <= t.warmup_steps <= t.steps, "train.warmup_steps",
+           f"{t.warmup_steps} must be in 0..train.steps={t.steps}")
+
+  shape = mesh_shape(cfg.mesh, num_devices)
+  sizes = dict(zip(MESH_AXES, shape))
+  replicas = sizes["data"] * sizes["fsdp"]
+  micro = t.batch_size // t.grad_accum
+  _require(micro % replicas == 0, "train.batch_size",
+           f"micro-batch {micro} (batch_size/grad_accum) is not divisible by mesh "
+           f"data*fsdp={replicas}")
+  for field, size in (("model.d_model", m.d_model),):
+    _require(size % sizes["fsdp"] == 0, field, f"{size} is not divisible by mesh.fsdp={sizes['fsdp']}")
+  for field, size in (("model.num_heads", m.num_heads), ("model.num_kv_heads", m.num_kv_heads),
+                      ("model.vocab_size", m.vocab_size),
+                      ("model.mlp_backbone + sinks.num", m.mlp_backbone + s.num)):
+    _require(size % sizes["tensor"] == 0, field,
+             f"{size} is not divisible by mesh.tensor={sizes['tensor']}")
+  return shape

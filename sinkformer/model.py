@@ -1,0 +1,170 @@
+"""The decoder: LLaMA-style (RMSNorm, RoPE, grouped-query attention, SwiGLU, no biases).
+
+A NULL and its dense control share every shape; the only difference is the `Gate` passed at
+apply time (see sinks.py): it multiplies the MLP's SwiGLU activations by
+`[ones(G) | sinkmask(source)]` and, optionally, the last Ha attention heads by a per-source
+head mask. Rows are packed: attention is causal *and* block-diagonal over `segment_ids`, and
+`positions` restart at every document, so a document's logits do not depend on its neighbours.
+
+Every parameter carries logical axis names (`logical_axes` metadata) that mesh.py maps to
+device axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sinkformer import sinks
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+  """The model's static shape (hashable, so it can live in the graphdef)."""
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_backbone: int   # G; the dense control has the same width G + P, all always on
+  num_sinks: int      # P
+  rope_base: float
+  norm_eps: float
+  tie_embeddings: bool
+  dtype: str          # compute dtype; parameters are always float32
+
+  @classmethod
+  def from_config(cls, cfg) -> Dims:
+    fields = {f.name for f in dataclasses.fields(cls)} - {"num_sinks"}
+    return cls(num_sinks=cfg.sinks.num, **{f: cfg.model[f] for f in fields})
+
+
+def _linear(fan_in, fan_out, axes, m, rngs, std=0.02):
+  return nnx.Linear(fan_in, fan_out, use_bias=False, dtype=DTYPES[m.dtype],
+                    kernel_init=nnx.initializers.normal(std),
+                    kernel_metadata={"logical_axes": axes}, rngs=rngs)
+
+
+def _norm(m, rngs):
+  return nnx.RMSNorm(m.d_model, epsilon=m.norm_eps, dtype=DTYPES[m.dtype],
+                     scale_metadata={"logical_axes": ("norm",)}, rngs=rngs)
+
+
+def rope(x, positions, base: float):
+  """Rotary embedding of x[B, T, H, hd] at integer positions[B, T] (rotate-half layout)."""
+  half = x.shape[-1] // 2
+  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions[..., None].astype(jnp.float32) * freq          # [B, T, hd/2]
+  cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, m, rngs):
+    self.m = m
+    out_std = 0.02 / (2 * m.num_layers) ** 0.5
+    self.q = _linear(m.d_model, m.num_heads * m.head_dim, ("embed", "heads"), m, rngs)
+    self.k = _linear(m.d_model, m.num_kv_heads * m.head_dim, ("embed", "kv_heads"), m, rngs)
+    self.v = _linear(m.d_model, m.num_kv_heads * m.head_dim, ("embed", "kv_heads"), m, rngs)
+    self.o = _linear(m.num_heads * m.head_dim, m.d_model, ("heads", "embed"), m, rngs, out_std)
+
+  def __call__(self, x, positions, segment_ids, head_gate=None):
+    m, (b, t, _) = self.m, x.shape
+    q = rope(self.q(x).reshape(b, t, m.num_heads, m.head_dim), positions, m.rope_base)
+    k = rope(self.k(x).reshape(b, t, m.num_kv_heads, m.head_dim), positions, m.rope_base)
+    v = self.v(x).reshape(b, t, m.num_kv_heads, m.head_dim)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]   # padding attends padding
+    out = jax.nn.dot_product_attention(q, k, v, mask=(causal & same_doc)[:, None])
+    if head_gate is not None:
+      out = out * head_gate[..., None]
+    return self.o(out.reshape(b, t, m.num_heads * m.head_dim))
+
+
+class MLP(nnx.Module):
+  """SwiGLU of width I = G + P; `unit_gate[B, T, I]` multiplies the activations."""
+
+  def __init__(self, m, rngs):
+    width = m.mlp_backbone + m.num_sinks
+    out_std = 0.02 / (2 * m.num_layers) ** 0.5
+    self.gate = _linear(m.d_model, width, ("embed", "mlp"), m, rngs)
+    self.up = _linear(m.d_model, width, ("embed", "mlp"), m, rngs)
+    self.down = _linear(width, m.d_model, ("mlp", "embed"), m, rngs, out_std)
+
+  def __call__(self, x, unit_gate=None):
+    h = jax.nn.silu(self.gate(x)) * self.up(x)
+    if unit_gate is not None:
+      h = h * unit_gate
+    return self.down(h)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, m, rngs):
+    self.attn_norm, self.attn = _norm(m, rngs), Attention(m, rngs)
+    self.mlp_norm, self.mlp = _norm(m, rngs), MLP(m, rngs)
+
+  def __call__(self, x, positions, segment_ids, unit_gate, head_gate):
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids, head_gate)
+    return x + self.mlp(self.mlp_norm(x), unit_gate)
+
+
+class Transformer(nnx.Module):
+  """`model(tokens, positions, segment_ids, gate)` -> f32 logits [B, T, V]; gate None = dense."""
+
+  def __init__(self, m, rngs: nnx.Rngs):
+    self.m = m
+    self.embed = nnx.Embed(m.vocab_size, m.d_model, dtype=DTYPES[m.dtype],
+                           embedding_init=nnx.initializers.normal(0.02),
+                           embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs)
+    self.blocks = nnx.List([Block(m, rngs) for _ in range(m.num_layers)])
+    self.final_norm = _norm(m, rngs)
+    if not m.tie_embeddings:
+      self.lm_head = _linear(m.d_model, m.vocab_size, ("embed", "vocab"), m, rngs)
+
+  def __call__(self, tokens, positions, segment_ids, gate: sinks.Gate | None = None):
+    m, dtype = self.m, DTYPES[self.m.dtype]
+    x = self.embed(tokens)
+    # One multiplier per distinct mask layer (one in all unless masks are per-layer).
+    unit_gates = head_gates = [None]
+    if gate is not None:
+      layers = range(gate.mlp.shape[0])
+      unit_gates = [sinks.mlp_multiplier(gate, l, m.mlp_backbone, dtype) for l in layers]
+      head_gates = [sinks.head_multiplier(gate, l, m.num_heads, dtype) for l in layers]
+    for layer, block in enumerate(self.blocks):
+      i = layer % len(unit_gates)
+      x = block(x, positions, segment_ids, unit_gates[i], head_gates[i])
+    x = self.final_norm(x)
+    logits = self.embed.attend(x) if m.tie_embeddings else self.lm_head(x)
+    return logits.astype(jnp.float32)
+
+
+def apply(graphdef, params, batch, gate=None):
+  """Pure forward pass over split state: the form every jitted function uses."""
+  model = nnx.merge(graphdef, params)
+  return model(batch["tokens"], batch["positions"], batch["segment_ids"], gate)
+
+
+def abstract(m):
+  """(graphdef, abstract params, logical axes) without allocating a single weight."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(m, nnx.Rngs(0))))
+  axes = jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,
+                      is_leaf=lambda v: isinstance(v, nnx.Variable))
+  return graphdef, state.to_pure_dict(), axes.to_pure_dict()
+
+
+def init(m, seed: int):
+  """Concrete parameters as a plain dict of arrays (call under jit to place them sharded)."""
+  return nnx.split(Transformer(m, nnx.Rngs(seed)))[1].to_pure_dict()
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
