@@ -21,7 +21,7 @@ def _timed_step(cfg):
   state = train.init_state(setup, cfg.seed)
   rows, _ = train.builtin_rows(cfg)
   batch = train.put_batch(setup, packing.Stream(rows, cfg.train.batch_size, cfg.seed).batch(0))
-  step, _ = train.compile_steps(setup, state, batch)
+  step = train.compile_train_step(setup, state, batch)
   holder = {"state": state, "params": model.count_params(state["params"])}
 
   def run() -> float:

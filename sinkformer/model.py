@@ -158,12 +158,12 @@ def abstract(m):
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(m, nnx.Rngs(0))))
   axes = jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,
                       is_leaf=lambda v: isinstance(v, nnx.Variable))
-  return graphdef, state.to_pure_dict(), axes.to_pure_dict()
+  return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(axes)
 
 
 def init(m, seed: int):
   """Concrete parameters as a plain dict of arrays (call under jit to place them sharded)."""
-  return nnx.split(Transformer(m, nnx.Rngs(seed)))[1].to_pure_dict()
+  return nnx.to_pure_dict(nnx.split(Transformer(m, nnx.Rngs(seed)))[1])
 
 
 def count_params(params) -> int:

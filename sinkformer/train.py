@@ -122,7 +122,7 @@ def train_step(setup: Setup, state: dict, batch: dict):
   new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
                "opt": opt}
   docs = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), docs)
-  metrics = {"loss": loss / tokens, "tokens": tokens, "grad_norm": optax.global_norm(grads),
+  metrics = {"loss": loss / tokens, "tokens": tokens, "grad_norm": optax.tree.norm(grads),
              "lr": setup.schedule(state["step"]), "docs": docs}
   return new_state, metrics
 
@@ -138,17 +138,21 @@ def eval_step(setup: Setup, params, batch):
   return out
 
 
-def compile_steps(setup: Setup, state, example_batch):
-  """AOT-compiled train and eval steps with explicit shardings (state donated)."""
-  rep = mesh_lib.replicated(setup.mesh)
+def compile_train_step(setup: Setup, state, example_batch):
+  """AOT-compiled train step with explicit shardings; the state argument is donated."""
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   batch_sh = {k: setup.batch_sharding for k in example_batch}
-  train = jax.jit(partial(train_step, setup), in_shardings=(state_sh, batch_sh),
-                  out_shardings=(state_sh, rep), donate_argnums=0)
-  evaluate = jax.jit(partial(eval_step, setup), in_shardings=(state_sh["params"], batch_sh),
-                     out_shardings=rep)
-  return (train.lower(state, example_batch).compile(),
-          evaluate.lower(state["params"], example_batch).compile())
+  step = jax.jit(partial(train_step, setup), in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, mesh_lib.replicated(setup.mesh)), donate_argnums=0)
+  return step.lower(state, example_batch).compile()
+
+
+def compile_eval_step(setup: Setup, params, example_batch):
+  params_sh = jax.tree.map(lambda x: x.sharding, params)
+  batch_sh = {k: setup.batch_sharding for k in example_batch}
+  step = jax.jit(partial(eval_step, setup), in_shardings=(params_sh, batch_sh),
+                 out_shardings=mesh_lib.replicated(setup.mesh))
+  return step.lower(params, example_batch).compile()
 
 
 def process_rows(batch_size: int) -> tuple[int, int]:
@@ -208,7 +212,9 @@ def train(cfg, workdir: str, devices=None):
   reporter.line(f"{cfg.model.kind} model: {n_params / 1e6:.2f}M params, mesh "
                 f"{dict(setup.mesh.shape)}, {stream.num_rows} packed rows/epoch, "
                 f"{flops_token / 1e6:.1f} MFLOP/token, peak {peak / 1e9:.0f} GFLOP/s ({peak_src})")
-  train_fn, eval_fn = compile_steps(setup, state, put_batch(setup, local(0)))
+  example = put_batch(setup, local(0))
+  train_fn = compile_train_step(setup, state, example)
+  eval_fn = compile_eval_step(setup, state["params"], example) if t.eval_every else None
 
   history, pending, data_time = [], [], 0.0
   tokens_per_step = t.batch_size * d.seq_len

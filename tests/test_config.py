@@ -1,0 +1,79 @@
+"""Every experiment config loads and validates; configs that cannot work name the field."""
+
+import pathlib
+
+import pytest
+
+from sinkformer import config
+from sinkformer.errors import ConfigError, UserError
+
+EXPERIMENTS = sorted(pathlib.Path("experiments").glob("*.py"))
+# Presets that pick a mesh are validated against the device count they were written for.
+PRESET_DEVICES = {"h100x8": 8, "v5p_128": 64}
+
+
+def all_presets():
+  for path in EXPERIMENTS:
+    module = {}
+    exec(path.read_text(), module)
+    yield str(path), None
+    for name in module["PRESETS"]:
+      yield str(path), name
+
+
+@pytest.mark.parametrize("path,preset", list(all_presets()))
+def test_every_config_and_preset_validates(path, preset):
+  cfg = config.load(f"{path}:{preset}" if preset else path)
+  assert cfg.model.kind in ("null", "dense")
+  config.validate(cfg, PRESET_DEVICES.get(preset, 1))
+
+
+def test_presets_combine_and_overrides_apply():
+  cfg = config.load("experiments/quickstart.py:dense,smoke", ("--config.train.steps=3",))
+  assert cfg.model.kind == "dense" and cfg.model.d_model == 64 and cfg.train.steps == 3
+
+
+@pytest.mark.parametrize("overrides,msg", [
+    (("--config.model.d_modle=3",), "d_model"),
+    (("--config.nosuch.field=1",), "nosuch"),
+    (("--config.train.steps=many",), "steps"),
+])
+def test_typos_and_bad_values_are_rejected(overrides, msg):
+  with pytest.raises(UserError, match=msg):
+    config.load("experiments/quickstart.py", overrides)
+
+
+def test_unknown_preset_lists_the_known_ones():
+  with pytest.raises(UserError, match="unknown preset 'fast'; available: dense, smoke"):
+    config.load("experiments/quickstart.py:fast")
+
+
+@pytest.mark.parametrize("changes,devices,field", [
+    ({"sinks.k": 500}, 1, "sinks.k"),
+    ({"sinks.k": 0}, 1, "sinks.k"),
+    ({"model.num_kv_heads": 3}, 1, "model.num_heads"),
+    ({"model.head_dim": 31}, 1, "model.head_dim"),
+    ({"mesh.data": 4}, 1, "mesh"),
+    ({"mesh.data": 2, "mesh.fsdp": -1, "mesh.tensor": -1}, 8, "mesh"),
+    ({"mesh.tensor": 3, "mesh.data": 1}, 3, "model.num_heads"),
+    ({"train.grad_accum": 3}, 1, "train.grad_accum"),
+    ({"train.batch_size": 12}, 8, "train.batch_size"),
+    ({"model.kind": "sparse"}, 1, "model.kind"),
+    ({"sinks.selection": "topk"}, 1, "sinks.selection"),
+    ({"sinks.attn_heads": 2, "sinks.attn_k": 3}, 1, "sinks.attn_k"),
+    ({"train.warmup_steps": 10**6}, 1, "train.warmup_steps"),
+])
+def test_configs_that_cannot_work_fail_naming_the_field(changes, devices, field):
+  cfg = config.load("experiments/quickstart.py")
+  for key, value in changes.items():
+    section, name = key.split(".")
+    cfg[section][name] = value
+  with pytest.raises(ConfigError) as e:
+    config.validate(cfg, devices)
+  assert e.value.field == field and str(e.value).startswith(f"config.{field}:")
+
+
+def test_mesh_infers_one_axis():
+  cfg = config.load("experiments/quickstart.py")
+  cfg.mesh.update(data=-1, fsdp=2, tensor=2)
+  assert config.mesh_shape(cfg.mesh, 8) == (2, 2, 2)
