@@ -21,10 +21,15 @@ def _train_flags(fv, argv):
   define_config_flag(fv, argv)
   flags.DEFINE_string("workdir", None, "run directory: config.json, metrics.jsonl, "
                       "sources.jsonl, tb/ (TensorBoard)", flag_values=fv)
+  flags.DEFINE_string("coordinator", None, "multi-process: HOST:PORT of process 0 (auto on "
+                      "TPU VMs and SLURM)", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "multi-process: how many processes", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "multi-process: this process's index", flag_values=fv)
 
 
 def _train(fv):
-  from sinkformer import train
+  from sinkformer import distributed, train
+  distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id)
   train.train(fv.config, fv.workdir)
 
 

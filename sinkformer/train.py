@@ -30,7 +30,7 @@ class Setup:
   dims: model.Dims
   spec: sinks.SinkSpec | None   # None: the dense control
   graphdef: object
-  param_shardings: object
+  state_shardings: dict         # {"step", "params", "opt"} -> NamedSharding trees
   schedule: optax.Schedule
   tx: optax.GradientTransformation
 
@@ -58,17 +58,29 @@ def build(cfg, devices=None) -> Setup:
   shape = config_lib.validate(cfg, len(devices))
   mesh = mesh_lib.make_mesh(shape, devices)
   dims = model.Dims.from_config(cfg)
-  graphdef, _, axes = model.abstract(dims)
+  graphdef, abstract_params, axes = model.abstract(dims)
   tx, schedule = make_optimizer(cfg.train)
   return Setup(cfg, mesh, dims, sinks.SinkSpec.from_config(cfg), graphdef,
-               mesh_lib.param_shardings(axes, mesh), schedule, tx)
+               _state_shardings(tx, abstract_params, axes, mesh), schedule, tx)
+
+
+def _state_shardings(tx, abstract_params, axes, mesh) -> dict:
+  """Optimizer moments are laid out like their parameters; counters are replicated."""
+  params = mesh_lib.param_shardings(axes, mesh)
+  rep = mesh_lib.replicated(mesh)
+  opt = optax.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, abstract_params),
+                              params, transform_non_params=lambda _: rep)
+  return {"step": rep, "params": params, "opt": opt}
+
+
+def _init(setup: Setup, seed: int) -> dict:
+  params = model.init(setup.dims, seed)
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": setup.tx.init(params)}
 
 
 def init_state(setup: Setup, seed: int) -> dict:
-  """Parameters created directly in their shards; optimizer moments inherit the layout."""
-  params = jax.jit(partial(model.init, setup.dims, seed), out_shardings=setup.param_shardings)()
-  opt = jax.jit(setup.tx.init)(params)
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": opt}
+  """The whole train state created directly in its shards (nothing on one device first)."""
+  return jax.jit(partial(_init, setup, seed), out_shardings=setup.state_shardings)()
 
 
 def token_losses(setup: Setup, params, batch, mode: str = "train", exclude=None):
@@ -140,7 +152,7 @@ def eval_step(setup: Setup, params, batch):
 
 def compile_train_step(setup: Setup, state, example_batch):
   """AOT-compiled train step with explicit shardings; the state argument is donated."""
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  state_sh = setup.state_shardings
   batch_sh = {k: setup.batch_sharding for k in example_batch}
   step = jax.jit(partial(train_step, setup), in_shardings=(state_sh, batch_sh),
                  out_shardings=(state_sh, mesh_lib.replicated(setup.mesh)), donate_argnums=0)
@@ -148,9 +160,8 @@ def compile_train_step(setup: Setup, state, example_batch):
 
 
 def compile_eval_step(setup: Setup, params, example_batch):
-  params_sh = jax.tree.map(lambda x: x.sharding, params)
   batch_sh = {k: setup.batch_sharding for k in example_batch}
-  step = jax.jit(partial(eval_step, setup), in_shardings=(params_sh, batch_sh),
+  step = jax.jit(partial(eval_step, setup), in_shardings=(setup.state_shardings["params"], batch_sh),
                  out_shardings=mesh_lib.replicated(setup.mesh))
   return step.lower(params, example_batch).compile()
 
@@ -191,14 +202,32 @@ def _aggregate_sources(docs: list[dict]):
   return ids, np.bincount(inverse, loss[keep]) / tok, tok.astype(np.int64)
 
 
+def _evaluate(setup: Setup, eval_fn, params, splits: dict) -> dict:
+  """Mean loss per split and mode: e.g. seen_loss, seen_backbone_loss, unseen_loss, ..."""
+  t, rows = setup.cfg.train, process_rows(setup.cfg.train.batch_size)
+  out = {}
+  for split, split_rows in splits.items():
+    sums = [jax.device_get(eval_fn(params, put_batch(setup, {k: v[slice(*rows)]
+                                                             for k, v in b.items()})))
+            for b in packing.fixed_batches(split_rows, t.batch_size, t.eval_batches)]
+    n = sum(s["tokens"] for s in sums)
+    out.update({f"{split}_{name}": float(sum(s[name] for s in sums) / n)
+                for name in sums[0] if name != "tokens"})
+  return out
+
+
 def train(cfg, workdir: str, devices=None):
-  """Train from scratch; returns (final state, list of logged metric dicts)."""
+  """Train from scratch; returns (final state, list of logged metric dicts).
+
+  Every `eval_every` steps the loss is measured with each document's own sinks and with the
+  backbone only, on training sources ("seen") and on held-out sources ("unseen"): the gap
+  between seen own-sink and seen backbone loss is what the sinks memorised.
+  """
   setup = build(cfg, devices)
   t, d = cfg.train, cfg.data
   train_rows, val_rows = builtin_rows(cfg)
-  rows = process_rows(t.batch_size)
   stream = packing.Stream(train_rows, t.batch_size, cfg.seed)
-  local = lambda step: stream.batch(step, *rows)
+  local = lambda step: stream.batch(step, *process_rows(t.batch_size))
 
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -245,11 +274,7 @@ def train(cfg, workdir: str, devices=None):
       history.append({"step": done, **row})
       pending, data_time, last = [], 0.0, time.perf_counter()
     if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
-      sums = [jax.device_get(eval_fn(state["params"], put_batch(
-                  setup, {k: v[slice(*rows)] for k, v in b.items()})))
-              for b in packing.fixed_batches(val_rows, t.batch_size, t.eval_batches)]
-      n = sum(s["tokens"] for s in sums)
-      row = {name: float(sum(s[name] for s in sums) / n) for name in sums[0] if name != "tokens"}
+      row = _evaluate(setup, eval_fn, state["params"], {"seen": train_rows, "unseen": val_rows})
       reporter.line(f"eval {done}: " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
       reporter.scalars(done, row, "val")
       history.append({"step": done, "split": "val", **row})

@@ -95,7 +95,7 @@ def test_run_writes_metrics_tensorboard_and_per_source_logs(smoke_cfg, tmp_path)
   for key in ("loss", "tokens_per_s", "mfu", "data_frac", "grad_norm", "lr"):
     assert all(np.isfinite(l[key]) for l in train_rows), key
   val = [l for l in lines if l["split"] == "val"]
-  assert val and {"loss", "backbone_loss"} <= set(val[0])
+  assert val and {"seen_loss", "seen_backbone_loss", "unseen_loss", "unseen_backbone_loss"} <= set(val[0])
   assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
   per_source = [json.loads(l) for l in (tmp_path / "sources.jsonl").read_text().splitlines()]
   assert len(per_source) == 2 and len(per_source[0]["source_id"]) == len(per_source[0]["loss"])
