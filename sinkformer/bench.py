@@ -24,16 +24,18 @@ def _timed_step(cfg):
   step = train.compile_train_step(setup, state, batch)
   holder = {"state": state, "params": model.count_params(state["params"])}
 
-  def run() -> float:
+  def run(steps: int = 1) -> float:
+    """Seconds per step over `steps` back-to-back steps (one sync at the end)."""
     t0 = time.perf_counter()
-    holder["state"], metrics = step(holder["state"], batch)
+    for _ in range(steps):
+      holder["state"], metrics = step(holder["state"], batch)
     jax.block_until_ready(metrics)
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / steps
 
   return setup, run, holder["params"]
 
 
-def sinks(cfg, rounds: int = 30, warmup: int = 3) -> dict:
+def sinks(cfg, rounds: int = 30, steps_per_round: int = 3, warmup: int = 3) -> dict:
   variants = {}
   for kind in ("null", "dense"):
     c = cfg.copy_and_resolve_references()
@@ -46,7 +48,7 @@ def sinks(cfg, rounds: int = 30, warmup: int = 3) -> dict:
   times = {k: [] for k in variants}
   for r in range(rounds):
     for kind in (("null", "dense") if r % 2 == 0 else ("dense", "null")):
-      times[kind].append(variants[kind][1]())
+      times[kind].append(variants[kind][1](steps_per_round))
   ratios = np.array(times["null"]) / np.array(times["dense"])
   tokens = cfg.train.batch_size * cfg.data.seq_len
   flops_token = flops.flops_per_token(setup.dims, cfg.data.seq_len)
@@ -54,6 +56,7 @@ def sinks(cfg, rounds: int = 30, warmup: int = 3) -> dict:
   result = {"bench": "sinks", "ratio": float(np.median(ratios)),
             "ratio_p10": float(np.percentile(ratios, 10)),
             "ratio_p90": float(np.percentile(ratios, 90)), "rounds": rounds,
+            "steps_per_round": steps_per_round,
             "params": {k: v[2] for k, v in variants.items()},
             "peak_flops": peak, "peak_source": peak_src, "devices": setup.mesh.size}
   for kind in variants:
@@ -61,7 +64,8 @@ def sinks(cfg, rounds: int = 30, warmup: int = 3) -> dict:
     result[f"{kind}_step_s"] = step_s
     result[f"{kind}_tokens_per_s"] = tokens / step_s
     result[f"{kind}_mfu"] = flops.mfu(tokens / step_s, flops_token, peak, setup.mesh.size)
-  print(f"train step, median of {rounds} alternating rounds ({tokens} tokens/step, "
+  print(f"train step, median of {rounds} alternating rounds of {steps_per_round} steps "
+        f"({tokens} tokens/step, "
         f"peak {peak / 1e9:.0f} GFLOP/s: {peak_src})")
   for kind in variants:
     print(f"  {kind:5s}  {1e3 * result[f'{kind}_step_s']:8.2f} ms  "

@@ -1,9 +1,9 @@
 """The decoder: LLaMA-style (RMSNorm, RoPE, grouped-query attention, SwiGLU, no biases).
 
 A NULL and its dense control share every shape; the only difference is the `Gate` passed at
-apply time (see sinks.py): it multiplies the MLP's SwiGLU activations by
-`[ones(G) | sinkmask(source)]` and, optionally, the last Ha attention heads by a per-source
-head mask. Rows are packed: attention is causal *and* block-diagonal over `segment_ids`, and
+apply time (see sinks.py): it keeps only the MLP's SwiGLU activations in
+`[ones(G) | sinkmask(source)]` and, optionally, only the attention heads in a per-source head
+mask (zeroing the others). Rows are packed: attention is causal *and* block-diagonal over `segment_ids`, and
 `positions` restart at every document, so a document's logits do not depend on its neighbours.
 
 Every parameter carries logical axis names (`logical_axes` metadata) that mesh.py maps to
@@ -76,7 +76,7 @@ class Attention(nnx.Module):
     self.v = _linear(m.d_model, m.num_kv_heads * m.head_dim, ("embed", "kv_heads"), m, rngs)
     self.o = _linear(m.num_heads * m.head_dim, m.d_model, ("heads", "embed"), m, rngs, out_std)
 
-  def __call__(self, x, positions, segment_ids, head_gate=None):
+  def __call__(self, x, positions, segment_ids, heads_on=None):
     m, (b, t, _) = self.m, x.shape
     q = rope(self.q(x).reshape(b, t, m.num_heads, m.head_dim), positions, m.rope_base)
     k = rope(self.k(x).reshape(b, t, m.num_kv_heads, m.head_dim), positions, m.rope_base)
@@ -84,13 +84,13 @@ class Attention(nnx.Module):
     causal = jnp.tril(jnp.ones((t, t), bool))
     same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]   # padding attends padding
     out = jax.nn.dot_product_attention(q, k, v, mask=(causal & same_doc)[:, None])
-    if head_gate is not None:
-      out = out * head_gate[..., None]
+    if heads_on is not None:
+      out = jnp.where(heads_on[..., None], out, 0)
     return self.o(out.reshape(b, t, m.num_heads * m.head_dim))
 
 
 class MLP(nnx.Module):
-  """SwiGLU of width I = G + P; `unit_gate[B, T, I]` multiplies the activations."""
+  """SwiGLU of width I = G + P; only the units in `units_on[B, T, I]` pass, times `scale`."""
 
   def __init__(self, m, rngs):
     width = m.mlp_backbone + m.num_sinks
@@ -99,10 +99,10 @@ class MLP(nnx.Module):
     self.up = _linear(m.d_model, width, ("embed", "mlp"), m, rngs)
     self.down = _linear(width, m.d_model, ("mlp", "embed"), m, rngs, out_std)
 
-  def __call__(self, x, unit_gate=None):
+  def __call__(self, x, units_on=None, scale=1.0):
     h = jax.nn.silu(self.gate(x)) * self.up(x)
-    if unit_gate is not None:
-      h = h * unit_gate
+    if units_on is not None:
+      h = jnp.where(units_on, h * jnp.asarray(scale, h.dtype), 0)
     return self.down(h)
 
 
@@ -112,9 +112,9 @@ class Block(nnx.Module):
     self.attn_norm, self.attn = _norm(m, rngs), Attention(m, rngs)
     self.mlp_norm, self.mlp = _norm(m, rngs), MLP(m, rngs)
 
-  def __call__(self, x, positions, segment_ids, unit_gate, head_gate):
-    x = x + self.attn(self.attn_norm(x), positions, segment_ids, head_gate)
-    return x + self.mlp(self.mlp_norm(x), unit_gate)
+  def __call__(self, x, positions, segment_ids, units_on, heads_on, scale):
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids, heads_on)
+    return x + self.mlp(self.mlp_norm(x), units_on, scale)
 
 
 class Transformer(nnx.Module):
@@ -131,17 +131,18 @@ class Transformer(nnx.Module):
       self.lm_head = _linear(m.d_model, m.vocab_size, ("embed", "vocab"), m, rngs)
 
   def __call__(self, tokens, positions, segment_ids, gate: sinks.Gate | None = None):
-    m, dtype = self.m, DTYPES[self.m.dtype]
+    m = self.m
     x = self.embed(tokens)
-    # One multiplier per distinct mask layer (one in all unless masks are per-layer).
-    unit_gates = head_gates = [None]
+    # One unit mask per distinct mask layer (one in all, unless masks are per-layer).
+    units = heads = [None]
+    scale = 1.0 if gate is None else gate.backbone_scale
     if gate is not None:
       layers = range(gate.mlp.shape[0])
-      unit_gates = [sinks.mlp_multiplier(gate, l, m.mlp_backbone, dtype) for l in layers]
-      head_gates = [sinks.head_multiplier(gate, l, m.num_heads, dtype) for l in layers]
+      units = [sinks.mlp_units(gate, l, m.mlp_backbone) for l in layers]
+      heads = [sinks.head_units(gate, l, m.num_heads) for l in layers]
     for layer, block in enumerate(self.blocks):
-      i = layer % len(unit_gates)
-      x = block(x, positions, segment_ids, unit_gates[i], head_gates[i])
+      i = layer % len(units)
+      x = block(x, positions, segment_ids, units[i], heads[i], scale)
     x = self.final_norm(x)
     logits = self.embed.attend(x) if m.tie_embeddings else self.lm_head(x)
     return logits.astype(jnp.float32)

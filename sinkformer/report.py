@@ -65,11 +65,13 @@ class Reporter:
       self.sources.write(json.dumps({"step": step, "source_id": sources.tolist(),
                                      "loss": loss.round(5).tolist(), "tokens": tokens.tolist()}) + "\n")
 
-  def advance(self, steps: int, postfix: str = ""):
+  def advance(self, steps: int):
     if self.active and self.bar is not None:
       self.bar.update(steps)
-      if postfix:
-        self.bar.set_postfix_str(postfix)
+
+  def postfix(self, text: str):
+    if self.active and self.bar is not None:
+      self.bar.set_postfix_str(text)
 
   def close(self):
     if self.active:

@@ -255,6 +255,7 @@ def train(cfg, workdir: str, devices=None):
     state, metrics = train_fn(state, batch)
     pending.append(metrics)
     done = step + 1
+    reporter.advance(1)
     if done % t.log_every == 0 or done == t.steps:
       fetched = jax.device_get(pending)
       now = time.perf_counter()
@@ -270,7 +271,7 @@ def train(cfg, workdir: str, devices=None):
                     f"data {100 * row['data_frac']:.1f}% | ETA {report.duration(eta)}")
       reporter.scalars(done, row, "train")
       reporter.per_source(done, *_aggregate_sources([m["docs"] for m in fetched]))
-      reporter.advance(steps, f"loss {row['loss']:.3f}")
+      reporter.postfix(f"loss {row['loss']:.3f}")
       history.append({"step": done, **row})
       pending, data_time, last = [], 0.0, time.perf_counter()
     if t.eval_every and (done % t.eval_every == 0 or done == t.steps):

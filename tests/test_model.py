@@ -124,6 +124,18 @@ def test_backbone_mode_uses_no_sink(smoke_cfg):
   assert not np.allclose(out(params, "train"), out(noisy, "train"))   # the noise does matter
 
 
+def test_backbone_rescale_scales_the_mlp_output(smoke_cfg):
+  smoke_cfg.sinks.backbone_rescale = True
+  setup, params = setup_and_params(smoke_cfg)
+  mlp = model.nnx.merge(setup.graphdef, params).blocks[0].mlp
+  x = jax.random.normal(jax.random.key(0), (1, 4, smoke_cfg.model.d_model))
+  gate = sinks.make_gate(setup.spec, "backbone", segment_ids=jnp.ones((1, 4), jnp.int32))
+  units = sinks.mlp_units(gate, 0, smoke_cfg.model.mlp_backbone)
+  G, k = smoke_cfg.model.mlp_backbone, smoke_cfg.sinks.k
+  np.testing.assert_allclose(mlp(x, units, gate.backbone_scale), (G + k) / G * mlp(x, units),
+                             rtol=1e-5, atol=1e-7)
+
+
 def test_excluded_units_have_no_effect_whatever_source_is_on(smoke_cfg):
   setup, params = setup_and_params(smoke_cfg)
   forgotten = [21, 22]

@@ -81,11 +81,11 @@ def test_train_gate_uses_each_documents_own_mask():
   src = jnp.array([[3, 3, 9, 9, 9, 0], [4, 4, 4, 4, 4, 4]])
   seg = jnp.array([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
   gate = sinks.make_gate(SPEC, "train", segment_ids=seg, source_ids=src, max_docs=4)
-  mult = np.asarray(sinks.mlp_multiplier(gate, 0, SPEC.backbone, jnp.float32))
-  assert (mult[..., :32] == 1).all()
-  expect = lambda s: np.asarray(sinks.sink_mask(SPEC, jnp.array(s)), np.float32)
+  units = np.asarray(sinks.mlp_units(gate, 0, SPEC.backbone))
+  assert units[..., :32].all()
+  expect = lambda s: np.asarray(sinks.sink_mask(SPEC, jnp.array(s)))
   for b, t in np.ndindex(2, 6):
-    np.testing.assert_array_equal(mult[b, t, 32:], expect(int(src[b, t])))
+    np.testing.assert_array_equal(units[b, t, 32:], expect(int(src[b, t])))
 
 
 def test_exclusion_zeroes_exactly_the_excluded_units_in_source_mode():
@@ -94,12 +94,12 @@ def test_exclusion_zeroes_exactly_the_excluded_units_in_source_mode():
   np.testing.assert_array_equal(np.asarray(excl.mlp[0]), union)
   seg = jnp.ones((3, 4), jnp.int32)
   gate = sinks.make_gate(SPEC, "source", segment_ids=seg, row_sources=[11, 13, 0], exclude=excl)
-  mult = np.asarray(sinks.mlp_multiplier(gate, 0, SPEC.backbone, jnp.float32))
+  units = np.asarray(sinks.mlp_units(gate, 0, SPEC.backbone))
   for b, s in enumerate([11, 13, 0]):
     want = np.asarray(sinks.sink_mask(SPEC, jnp.array(s))) & ~union
-    np.testing.assert_array_equal(mult[b, :, 32:], np.broadcast_to(want, (4, 416)))
-  assert not mult[0, :, 32:].any()      # an excluded source itself gets nothing back
-  assert (mult[..., :32] == 1).all()    # the backbone is never excluded
+    np.testing.assert_array_equal(units[b, :, 32:], np.broadcast_to(want, (4, 416)))
+  assert not units[0, :, 32:].any()     # an excluded source itself gets nothing back
+  assert units[..., :32].all()          # the backbone is never excluded
 
 
 def test_empty_exclusion_excludes_nothing():
@@ -111,18 +111,18 @@ def test_backbone_mode_turns_off_every_sink_and_can_rescale():
   for rescale, scale in ((False, 1.0), (True, (32 + 16) / 32)):
     spec = SPEC.__class__(**{**SPEC.__dict__, "backbone_rescale": rescale})
     gate = sinks.make_gate(spec, "backbone", segment_ids=seg)
-    mult = np.asarray(sinks.mlp_multiplier(gate, 0, 32, jnp.float32))
-    assert not mult[..., 32:].any()
-    np.testing.assert_allclose(mult[..., :32], scale)
+    units = np.asarray(sinks.mlp_units(gate, 0, 32))
+    assert units[..., :32].all() and not units[..., 32:].any()
+    assert float(gate.backbone_scale) == pytest.approx(scale)
 
 
 def test_attention_pool_is_independent_of_the_mlp_pool():
   spec = SPEC.__class__(**{**SPEC.__dict__, "attn": sinks.Pool(4, 2)})
   seg = jnp.ones((1, 3), jnp.int32)
   gate = sinks.make_gate(spec, "source", segment_ids=seg, row_sources=[6])
-  heads = np.asarray(sinks.head_multiplier(gate, 0, 8, jnp.float32))
+  heads = np.asarray(sinks.head_units(gate, 0, 8))
   assert heads.shape == (1, 3, 8)
-  assert (heads[..., :4] == 1).all() and (heads[..., 4:].sum(-1) == 2).all()
+  assert heads[..., :4].all() and (heads[..., 4:].sum(-1) == 2).all()
 
 
 def test_unknown_mode_is_rejected():
