@@ -186,3 +186,17 @@ def test_rope_positions_restart_per_document():
   np.testing.assert_allclose(a[:, :2], b[:, :2])
   np.testing.assert_allclose(a[:, :1], x[:, :1], rtol=1e-6)    # position 0 is the identity
   assert not np.allclose(a[:, 2:], b[:, 2:])
+
+
+def test_changing_sources_or_exclusions_does_not_recompile(smoke_cfg):
+  setup, params = setup_and_params(smoke_cfg)
+  batch = row([(1, list(range(3, 20)))])
+
+  @jax.jit
+  def loss(params, batch, exclude):
+    return train.token_losses(setup, params, batch, "source", exclude=exclude)[0].sum()
+
+  for asked, forgotten in ((1, [2]), (2, [1]), (2**31 - 1, [5]), (9, [1])):
+    batch["row_sources"] = jnp.array([asked])
+    loss(params, batch, sinks.exclusion(setup.spec, forgotten))
+  assert loss._cache_size() == 1
