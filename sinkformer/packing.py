@@ -15,7 +15,7 @@ FIELDS = ("tokens", "targets", "loss_mask", "source_ids", "segment_ids", "positi
 
 def pack(docs, sources, seq_len: int, max_docs: int) -> dict[str, np.ndarray]:
   """Greedy in-order packing; documents longer than a row are cut into row-sized windows."""
-  pieces = [(d[i:i + seq_len], s) for d, s in zip(docs, sources)
+  pieces = [(d[i:i + seq_len], s) for d, s in zip(docs, sources, strict=True)
             for i in range(0, max(len(d), 1), seq_len)]
   rows, current, used = [], [], 0
   for piece in pieces:

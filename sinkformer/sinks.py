@@ -154,6 +154,10 @@ def make_gate(spec: SinkSpec, mode: str, *, segment_ids, source_ids=None, row_so
   """
   batch = segment_ids.shape[0]
   scale = jnp.float32(1.0)
+  needed = {"train": source_ids, "source": row_sources}
+  if mode in needed and needed[mode] is None:
+    raise ValueError(f"sink mode {mode!r} needs "
+                     f"{'source_ids' if mode == 'train' else 'row_sources'}")
   if mode == "train":
     doc_src, doc_index = doc_sources(source_ids, segment_ids, max_docs), segment_ids
   elif mode == "source":

@@ -8,7 +8,6 @@ are a pure function of the step (packing.Stream), so a run can restart anywhere.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from functools import partial

@@ -1,7 +1,6 @@
 """Packing keeps every token's source; the stream is a pure function of the step."""
 
 import numpy as np
-import pytest
 
 from sinkformer import packing, synthetic
 

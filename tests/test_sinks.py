@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -125,9 +124,14 @@ def test_attention_pool_is_independent_of_the_mlp_pool():
   assert heads[..., :4].all() and (heads[..., 4:].sum(-1) == 2).all()
 
 
-def test_unknown_mode_is_rejected():
+def test_unknown_mode_or_missing_ids_are_rejected():
+  seg = jnp.ones((1, 2), jnp.int32)
   with pytest.raises(ValueError, match="unknown sink mode"):
-    sinks.make_gate(SPEC, "sinkoff", segment_ids=jnp.ones((1, 2), jnp.int32))
+    sinks.make_gate(SPEC, "sinkoff", segment_ids=seg)
+  with pytest.raises(ValueError, match="needs row_sources"):
+    sinks.make_gate(SPEC, "source", segment_ids=seg)
+  with pytest.raises(ValueError, match="needs source_ids"):
+    sinks.make_gate(SPEC, "train", segment_ids=seg)
 
 
 GOLDEN_SOURCE_1 = [24, 49, 62, 79, 81, 105, 127, 186, 233, 235, 236, 257, 277, 288, 344, 362]

@@ -1,7 +1,6 @@
 """The train step and loop: learning, accumulation, per-source stats, what a run writes."""
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
