@@ -18,7 +18,8 @@ PRESETS = {
               "model.num_kv_heads": 1, "model.head_dim": 32, "model.mlp_backbone": 32,
               "sinks.num": 96, "sinks.k": 8, "data.num_sources": 64, "data.val_sources": 16,
               "train.batch_size": 8, "train.steps": 6, "train.warmup_steps": 2,
-              "train.log_every": 3, "train.eval_every": 6, "train.eval_batches": 1},
+              "train.log_every": 3, "train.eval_every": 6, "train.eval_batches": 1,
+              "train.checkpoint_every": 3},
     "bf16": {"model.dtype": "bfloat16"},
 }
 
@@ -35,6 +36,7 @@ def get_config(arg=None):
                 seq_len=128, max_docs_per_row=8)
   c.train = dict(steps=160, batch_size=16, grad_accum=1, lr=2e-3, min_lr_ratio=0.1,
                  warmup_steps=16, weight_decay=0.1, b1=0.9, b2=0.95, clip_norm=1.0,
-                 log_every=10, eval_every=40, eval_batches=4)   # 160 steps ~ 25 epochs
+                 log_every=10, eval_every=40, eval_batches=4,   # 160 steps ~ 25 epochs
+                 checkpoint_every=40, keep_checkpoints=3)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   return apply_presets(c, arg, PRESETS)

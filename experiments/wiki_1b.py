@@ -31,6 +31,7 @@ def get_config(arg=None):
                 seq_len=1024, max_docs_per_row=32)
   c.train = dict(steps=60000, batch_size=512, grad_accum=1, lr=5e-4, min_lr_ratio=0.1,
                  warmup_steps=2000, weight_decay=0.1, b1=0.9, b2=0.95, clip_norm=1.0,
-                 log_every=50, eval_every=2000, eval_batches=16)
+                 log_every=50, eval_every=2000, eval_batches=16,
+                 checkpoint_every=1000, keep_checkpoints=5)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   return apply_presets(c, arg, PRESETS)

@@ -44,9 +44,23 @@ def _bench(fv, name):
   bench.BENCHES[name](fv.config, rounds=fv.rounds)
 
 
+def _checkpoint_info_flags(fv, argv):
+  flags.DEFINE_string("checkpoint", None, "a run's checkpoints/ directory (newest step) or "
+                      "checkpoints/STEP", flag_values=fv)
+
+
+def _checkpoint_info(fv):
+  from sinkformer import checkpoint
+  for key, value in checkpoint.info(fv.checkpoint).items():
+    print(f"{key}: {value}")
+
+
 COMMANDS = {
     "train": ("train a NULL (or the dense control) from an experiment config",
               _train_flags, _train, ("config", "workdir")),
+    "checkpoint info": ("step, config summary, parameter count and parameter hash of a "
+                        "checkpoint (restored on one CPU)", _checkpoint_info_flags,
+                        _checkpoint_info, ("checkpoint",)),
     "bench sinks": ("time the NULL train step against the equal-size dense control",
                     _bench_flags, lambda fv: _bench(fv, "sinks"), ("config",)),
 }

@@ -98,8 +98,10 @@ def validate(cfg, num_devices: int) -> tuple[int, ...]:
   _require(t.steps > 0, "train.steps", f"must be positive, got {t.steps}")
   _require(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
            f"{t.grad_accum} must divide train.batch_size={t.batch_size}")
-  _require(0 <= t.warmup_steps <= t.steps, "train.warmup_steps",
-           f"{t.warmup_steps} must be in 0..train.steps={t.steps}")
+  _require(0 <= t.warmup_steps < t.steps, "train.warmup_steps",
+           f"{t.warmup_steps} must be in 0..train.steps-1={t.steps - 1}")
+  _require(t.checkpoint_every > 0, "train.checkpoint_every", f"must be positive, got "
+           f"{t.checkpoint_every} (a checkpoint is also written at the last step)")
 
   shape = mesh_shape(cfg.mesh, num_devices)
   sizes = dict(zip(MESH_AXES, shape))

@@ -8,7 +8,9 @@ are a pure function of the step (packing.Stream), so a run can restart anywhere.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import signal
 import time
 from functools import partial
 
@@ -18,7 +20,8 @@ import numpy as np
 import optax
 
 from sinkformer import config as config_lib
-from sinkformer import flops, mesh as mesh_lib, model, packing, report, sinks, synthetic
+from sinkformer import checkpoint, flops, mesh as mesh_lib, model, packing, report, sinks, synthetic
+from sinkformer.errors import UserError
 
 
 @dataclasses.dataclass
@@ -80,6 +83,26 @@ def _init(setup: Setup, seed: int) -> dict:
 def init_state(setup: Setup, seed: int) -> dict:
   """The whole train state created directly in its shards (nothing on one device first)."""
   return jax.jit(partial(_init, setup, seed), out_shardings=setup.state_shardings)()
+
+
+def abstract_state(setup: Setup) -> dict:
+  """Shapes, dtypes and shardings of the train state on this run's mesh (a restore target)."""
+  shapes = jax.eval_shape(partial(_init, setup, 0))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      shapes, setup.state_shardings)
+
+
+def resume_or_init(setup: Setup, ckpts: checkpoint.Checkpoints) -> dict:
+  """The newest intact checkpoint's state if there is one, else a fresh state."""
+  restored = ckpts.restore_latest(abstract_state(setup))
+  if restored is None:
+    return init_state(setup, setup.cfg.seed)
+  state, meta = restored
+  diffs = checkpoint.differences(meta["config"], json.loads(setup.cfg.to_json()))
+  if diffs:
+    raise UserError(f"{ckpts.directory} was written by an incompatible config: "
+                    + "; ".join(diffs) + " (use another --workdir, or the original config)")
+  return state
 
 
 def token_losses(setup: Setup, params, batch, mode: str = "train", exclude=None):
@@ -232,8 +255,13 @@ def train(cfg, workdir: str, devices=None):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json(indent=2))
-  state = init_state(setup, cfg.seed)
-  reporter = report.Reporter(workdir, t.steps)
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), t.checkpoint_every,
+                                 t.keep_checkpoints)
+  state = resume_or_init(setup, ckpts)
+  first = int(state["step"])
+  reporter = report.Reporter(workdir, t.steps, first)
+  if first:
+    reporter.line(f"resumed from {ckpts.directory}/{first}")
   n_params = model.count_params(state["params"])
   flops_token = flops.flops_per_token(setup.dims, d.seq_len)
   peak, peak_src = flops.device_peak(cfg.model.dtype)
@@ -244,16 +272,21 @@ def train(cfg, workdir: str, devices=None):
   train_fn = compile_train_step(setup, state, example)
   eval_fn = compile_eval_step(setup, state["params"], example) if t.eval_every else None
 
-  history, pending, data_time = [], [], 0.0
+  # SIGTERM (preemption): finish the step in flight, save, and stop.
+  stop = []
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+  history, pending, data_time, cfg_json = [], [], 0.0, cfg.to_json()
   tokens_per_step = t.batch_size * d.seq_len
   start = last = time.perf_counter()
-  for step in range(t.steps):
+  for step in range(first, t.steps):
     t0 = time.perf_counter()
     batch = put_batch(setup, local(step))
     data_time += time.perf_counter() - t0
     state, metrics = train_fn(state, batch)
     pending.append(metrics)
     done = step + 1
+    saved = (done % t.checkpoint_every == 0 or done == t.steps or bool(stop)) and ckpts.save(
+        done, state, cfg_json, force=True)
     reporter.advance(1)
     if done % t.log_every == 0 or done == t.steps:
       fetched = jax.device_get(pending)
@@ -264,7 +297,7 @@ def train(cfg, workdir: str, devices=None):
              "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(fetched[-1]["lr"]),
              "tokens_per_s": tok_s, "mfu": flops.mfu(tok_s, flops_token, peak, setup.mesh.size),
              "data_frac": data_time / elapsed, "epoch": stream.epoch_of(done)}
-      eta = (now - start) / done * (t.steps - done)
+      eta = (now - start) / (done - first) * (t.steps - done)
       reporter.line(f"step {done}/{t.steps} | loss {row['loss']:.4f} | "
                     f"{report.human(tok_s)} tok/s | MFU {100 * row['mfu']:.2f}% | "
                     f"data {100 * row['data_frac']:.1f}% | ETA {report.duration(eta)}")
@@ -279,5 +312,11 @@ def train(cfg, workdir: str, devices=None):
       reporter.scalars(done, row, "val")
       history.append({"step": done, "split": "val", **row})
       last = time.perf_counter()   # eval time is not training throughput
+    if stop:
+      reporter.line(f"SIGTERM: stopped after step {done}" + (", checkpoint saved" if saved else ""))
+      break
+  ckpts.wait()
+  ckpts.close()
+  signal.signal(signal.SIGTERM, previous_handler)
   reporter.close()
   return state, history

@@ -62,6 +62,7 @@ def test_unknown_preset_lists_the_known_ones():
     ({"sinks.selection": "topk"}, 1, "sinks.selection"),
     ({"sinks.attn_heads": 2, "sinks.attn_k": 3}, 1, "sinks.attn_k"),
     ({"train.warmup_steps": 10**6}, 1, "train.warmup_steps"),
+    ({"train.checkpoint_every": 0}, 1, "train.checkpoint_every"),
 ])
 def test_configs_that_cannot_work_fail_naming_the_field(changes, devices, field):
   cfg = config.load("experiments/quickstart.py")

@@ -1,0 +1,125 @@
+"""Orbax checkpoints of the whole train state, and finding the newest one that is intact.
+
+A checkpoint holds `state` (step, params, optimizer) and `meta` (the config, the parameter
+hash, what wrote it). The data position needs no field of its own: batches are a pure
+function of the step. Saves are asynchronous; Orbax only lists a step once it has committed,
+so a process killed mid-save leaves nothing that restore would pick up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from sinkformer.errors import UserError
+
+# Fields that change the meaning of the weights: a checkpoint may not be resumed under others.
+ARCHITECTURE = ("model", "sinks")
+
+
+def params_hash(params) -> str:
+  """sha256 over every parameter's bytes in tree order (identical runs, identical hash)."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(params)):
+    h.update(np.ascontiguousarray(leaf).tobytes())
+  return h.hexdigest()[:16]
+
+
+def differences(saved: dict, current: dict, sections=ARCHITECTURE) -> list[str]:
+  out = []
+  for section in sections:
+    a, b = saved.get(section, {}), current.get(section, {})
+    for key in sorted(set(a) | set(b)):
+      if a.get(key) != b.get(key):
+        out.append(f"{section}.{key}: checkpoint {a.get(key)!r} != config {b.get(key)!r}")
+  return out
+
+
+class Checkpoints:
+
+  def __init__(self, directory: str, every: int, keep: int):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+        save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=True,
+        create=True))
+
+  def save(self, step: int, state, cfg_json: str, force: bool = False) -> bool:
+    meta = {"step": step, "config": json.loads(cfg_json)}
+    return self.manager.save(step, force=force, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def restore(self, step: int, abstract_state):
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return out["state"], out["meta"]
+
+  def meta(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore_latest(self, abstract_state):
+    """(state, meta) of the newest checkpoint that restores, or None if there is none.
+
+    A damaged newest checkpoint is reported and skipped in favour of the one before it.
+    """
+    for step in reversed(self.steps()):
+      try:
+        return self.restore(step, abstract_state)
+      except Exception as e:  # any damage: a missing file, bad bytes, a truncated array
+        aside = f"{self.directory}/{step}.damaged"
+        print(f"warning: checkpoint {self.directory}/{step} is unreadable "
+              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+              f"moved to {aside}, trying the previous one", file=sys.stderr)
+        if jax.process_index() == 0:   # kept for inspection, out of the way of a new save
+          os.replace(f"{self.directory}/{step}", aside)
+        self.manager.reload()
+    return None
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def locate(path: str) -> tuple[Checkpoints, int]:
+  """(checkpoints, step) for a run's checkpoint DIR (its newest step) or DIR/STEP."""
+  path = os.path.abspath(path)
+  base, tail = os.path.split(path)
+  directory, step = (base, int(tail)) if tail.isdigit() else (path, None)
+  if not os.path.isdir(directory):
+    raise UserError(f"no checkpoint directory at {directory}")
+  ckpts = Checkpoints(directory, every=1, keep=None)
+  steps = ckpts.steps()
+  if step is None and steps:
+    step = steps[-1]
+  if step not in steps:
+    raise UserError(f"no complete checkpoint {path}; complete steps: {steps or 'none'}")
+  return ckpts, step
+
+
+def info(path: str) -> dict:
+  """What `sinkformer checkpoint info` prints; restores onto one CPU device, any mesh."""
+  import ml_collections
+  from sinkformer import model, train
+  ckpts, step = locate(path)
+  cfg = ml_collections.ConfigDict(ckpts.meta(step)["config"])
+  cfg.mesh.update(data=1, fsdp=1, tensor=1)
+  setup = train.build(cfg, jax.devices("cpu")[:1])
+  state, _ = ckpts.restore(step, train.abstract_state(setup))
+  m, s = cfg.model, cfg.sinks
+  return {"checkpoint": f"{ckpts.directory}/{step}", "step": int(state["step"]),
+          "model": f"{m.kind}, {m.num_layers} layers, d_model {m.d_model}, heads "
+                   f"{m.num_heads}/{m.num_kv_heads}x{m.head_dim}, vocab {m.vocab_size}",
+          "sinks": f"G {m.mlp_backbone} + P {s.num}, k {s.k} ({s.selection}"
+                   f"{', per layer' if s.per_layer else ''}), seed {s.seed}",
+          "parameters": model.count_params(state["params"]),
+          "hash": params_hash(state["params"])}

@@ -1,0 +1,116 @@
+"""Checkpoints: exact resume after SIGKILL / SIGTERM, damaged checkpoints, wrong configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sinkformer import checkpoint, config, train
+from sinkformer.errors import UserError
+
+ARGS = ["--config", "experiments/quickstart.py:smoke", "--config.train.steps=10",
+        "--config.train.checkpoint_every=2", "--config.train.log_every=1",
+        "--config.train.eval_every=0"]
+
+
+def train_cmd(workdir):
+  return [sys.executable, "-m", "sinkformer", "train", *ARGS, "--workdir", str(workdir)]
+
+
+def final_hash(workdir):
+  return checkpoint.info(str(workdir / "checkpoints"))["hash"]
+
+
+def logged_steps(workdir):
+  path = workdir / "metrics.jsonl"
+  return [json.loads(l)["step"] for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def interrupt(workdir, sig, after_step):
+  """Start training, send `sig` once `after_step` steps are logged, return the process."""
+  proc = subprocess.Popen(train_cmd(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  deadline = time.time() + 300
+  while not any(s >= after_step for s in logged_steps(workdir)):
+    assert proc.poll() is None and time.time() < deadline, "run ended before the signal"
+    time.sleep(0.05)
+  proc.send_signal(sig)
+  proc.wait(timeout=300)
+  return proc
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  subprocess.run(train_cmd(workdir), check=True, capture_output=True, timeout=600)
+  return final_hash(workdir)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, uninterrupted):
+  proc = interrupt(tmp_path, signal.SIGKILL, after_step=5)
+  assert proc.returncode == -signal.SIGKILL
+  assert max(logged_steps(tmp_path)) < 10
+  out = subprocess.run(train_cmd(tmp_path), check=True, capture_output=True, text=True,
+                       timeout=600)
+  assert "resumed from" in out.stdout
+  assert final_hash(tmp_path) == uninterrupted
+
+
+@pytest.mark.slow
+def test_sigterm_saves_where_it_stopped_and_resumes_exactly(tmp_path, uninterrupted):
+  proc = interrupt(tmp_path, signal.SIGTERM, after_step=3)
+  output = proc.stdout.read()
+  assert proc.returncode == 0, output
+  stopped = max(logged_steps(tmp_path))
+  assert f"SIGTERM: stopped after step {stopped}, checkpoint saved" in output
+  assert checkpoint.locate(str(tmp_path / "checkpoints"))[1] == stopped
+  subprocess.run(train_cmd(tmp_path), check=True, capture_output=True, timeout=600)
+  assert final_hash(tmp_path) == uninterrupted
+
+
+@pytest.mark.slow
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, uninterrupted):
+  subprocess.run(train_cmd(tmp_path), check=True, capture_output=True, timeout=600)
+  data = tmp_path / "checkpoints" / "10" / "state"
+  victim = max((p for p in data.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  with open(victim, "r+b") as f:
+    f.truncate(victim.stat().st_size // 2)
+  out = subprocess.run(train_cmd(tmp_path), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr
+  assert "checkpoints/10 is unreadable" in out.stderr
+  assert "resumed from" in out.stdout and out.stdout.count("step ") == 2   # steps 9, 10 again
+  assert (tmp_path / "checkpoints" / "10.damaged").is_dir()
+  assert final_hash(tmp_path) == uninterrupted
+
+
+def test_a_checkpoint_from_another_architecture_is_refused(smoke_cfg, tmp_path):
+  smoke_cfg.train.update(steps=3, eval_every=0, log_every=1)
+  train.train(smoke_cfg, str(tmp_path))
+  other = config.load("experiments/quickstart.py:smoke", ("--config.sinks.k=4",
+                                                          "--config.sinks.seed=7"))
+  other.train.update(steps=4, eval_every=0)
+  with pytest.raises(UserError) as e:
+    train.train(other, str(tmp_path))
+  assert "sinks.k: checkpoint 8 != config 4" in str(e.value)
+  assert "sinks.seed: checkpoint 0 != config 7" in str(e.value)
+
+
+def test_checkpoint_info_reports_the_trained_parameters(smoke_cfg, tmp_path):
+  smoke_cfg.train.update(steps=3, eval_every=0, log_every=1, checkpoint_every=2)
+  state, _ = train.train(smoke_cfg, str(tmp_path))
+  out = subprocess.run([sys.executable, "-m", "sinkformer", "checkpoint", "info",
+                        "--checkpoint", str(tmp_path / "checkpoints" / "3")],
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  lines = dict(l.split(": ", 1) for l in out.stdout.strip().splitlines())
+  assert lines["step"] == "3"
+  assert lines["hash"] == checkpoint.params_hash(state["params"])
+  missing = subprocess.run([sys.executable, "-m", "sinkformer", "checkpoint", "info",
+                            "--checkpoint", str(tmp_path / "checkpoints" / "5")],
+                           capture_output=True, text=True, timeout=300)
+  assert missing.returncode == 2 and "complete steps: [2, 3]" in missing.stderr
