@@ -1,7 +1,8 @@
-"""The same run on 1 device, 4 simulated devices, and 2 real processes x 2 devices."""
+"""The same run on 1 device, 8 simulated devices, and 2 real processes x 4 devices."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -23,21 +24,33 @@ def run_single(workdir, devices):
   return losses(workdir)
 
 
+def launch(workdir, logs):
+  return subprocess.run([sys.executable, "launch/local.py", "--processes", "2", "--devices", "4",
+                         "--logs", str(logs), "--", "sinkformer", "train", *ARGS,
+                         "--config.train.checkpoint_every=2", "--workdir", str(workdir)],
+                        capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
-def test_data_parallel_and_multi_process_runs_match_one_device(tmp_path):
+def test_two_processes_match_one_and_resume_from_their_checkpoint(tmp_path):
   one = run_single(tmp_path / "one", 1)
-  four = run_single(tmp_path / "four", 4)
-  out = subprocess.run([sys.executable, "launch/local.py", "--processes", "2", "--devices", "2",
-                        "--logs", str(tmp_path / "logs"), "--", "sinkformer", "train", *ARGS,
-                        "--workdir", str(tmp_path / "mp")], capture_output=True, text=True,
-                       timeout=600)
+  eight = run_single(tmp_path / "eight", 8)
+  out = launch(tmp_path / "mp", tmp_path / "logs")
   assert out.returncode == 0, out.stderr + (tmp_path / "logs" / "process_1.log").read_text()
-  assert "'data': 4" in out.stdout               # one mesh over both processes' devices
-  assert not (tmp_path / "logs" / "process_1.log").read_text().count("step ")  # only 0 logs
+  assert "'data': 8" in out.stdout               # one mesh over both processes' devices
+  assert "step " not in (tmp_path / "logs" / "process_1.log").read_text()   # only 0 logs
   multi = losses(tmp_path / "mp")
   assert len(one) == 4
-  assert four == pytest.approx(one, rel=1e-5)
+  assert eight == pytest.approx(one, rel=1e-5)
   assert multi == pytest.approx(one, rel=1e-5)
+
+  # Lose the last checkpoint and the log, then let both processes resume from step 2.
+  shutil.rmtree(tmp_path / "mp" / "checkpoints" / "4")
+  (tmp_path / "mp" / "metrics.jsonl").unlink()
+  again = launch(tmp_path / "mp", tmp_path / "logs")
+  assert again.returncode == 0, again.stderr
+  assert "resumed from" in again.stdout
+  assert losses(tmp_path / "mp") == pytest.approx(one[2:], rel=1e-5)
 
 
 def test_a_failing_process_fails_the_launch(tmp_path):
