@@ -55,9 +55,21 @@ def _checkpoint_info(fv):
     print(f"{key}: {value}")
 
 
+def _plan_flags(fv, argv):
+  define_config_flag(fv, argv)
+
+
+def _plan(fv):
+  from sinkformer import plan
+  plan.print_plan(plan.plan(fv.config))
+
+
 COMMANDS = {
     "train": ("train a NULL (or the dense control) from an experiment config",
               _train_flags, _train, ("config", "workdir")),
+    "plan": ("parameters, FLOPs/token and per-device memory of a config's mesh, before "
+             "renting hardware (plus XLA's analysis when enough devices exist)",
+             _plan_flags, _plan, ("config",)),
     "checkpoint info": ("step, config summary, parameter count and parameter hash of a "
                         "checkpoint (restored on one CPU)", _checkpoint_info_flags,
                         _checkpoint_info, ("checkpoint",)),

@@ -1,0 +1,102 @@
+"""`sinkformer plan`: what a config costs before hardware is rented.
+
+Parameter count, FLOPs per token (flops.py's formula), and per-device memory of parameters
+and optimizer state under the config's mesh, from the same sharding rules the trainer uses:
+nothing is allocated. When this process has as many devices as the mesh (simulate them with
+JAX_NUM_CPU_DEVICES=N), the train step is also compiled ahead of time on abstract inputs and
+XLA's own memory and cost analysis are printed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import optax
+
+from sinkformer import config as config_lib, flops, mesh as mesh_lib, model, train
+
+
+def _mesh_size(cfg) -> int:
+  sizes = [cfg.mesh[a] for a in config_lib.MESH_AXES]
+  return math.prod(sizes) if -1 not in sizes else jax.device_count()
+
+
+def per_device_bytes(abstract_tree, shardings, shape: dict) -> int:
+  """Bytes one device holds: each dimension divided by the mesh axes it is sharded over."""
+  total = 0
+  for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings),
+                            strict=True):
+    dims = list(leaf.shape)
+    for i, axes in enumerate(sharding.spec):
+      for axis in (axes if isinstance(axes, tuple) else (axes,)):
+        if axis is not None:
+          dims[i] = math.ceil(dims[i] / shape[axis])
+    total += math.prod(dims) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def plan(cfg) -> dict:
+  devices = _mesh_size(cfg)
+  shape = dict(zip(config_lib.MESH_AXES, config_lib.validate(cfg, devices)))
+  dims = model.Dims.from_config(cfg)
+  _, abstract_params, axes = model.abstract(dims)
+  tokens = cfg.train.batch_size * cfg.data.seq_len
+  flops_token = flops.flops_per_token(dims, cfg.data.seq_len)
+  out = {"mesh": shape, "parameters": model.count_params(abstract_params),
+         "flops_per_token": flops_token, "flops_per_step": flops_token * tokens,
+         "tokens_per_step": tokens}
+
+  # Per-device state memory from the sharding rules alone: no devices needed.
+  param_specs = jax.tree.map(lambda a: _Spec(mesh_lib.spec(a)), axes,
+                             is_leaf=lambda x: isinstance(x, tuple))
+  tx, _ = train.make_optimizer(cfg.train)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_specs = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_specs,
+                                    transform_non_params=lambda _: _Spec(()),
+                                    is_leaf=lambda x: isinstance(x, _Spec))
+  out["params_bytes_per_device"] = per_device_bytes(abstract_params, param_specs, shape)
+  out["optimizer_bytes_per_device"] = per_device_bytes(abstract_opt, opt_specs, shape)
+
+  if jax.device_count() >= devices:
+    setup = train.build(cfg, jax.devices()[:devices])
+    state = train.abstract_state(setup)
+    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), np.int32,
+                                     sharding=setup.batch_sharding)
+             for k in ("tokens", "targets", "loss_mask", "source_ids", "segment_ids", "positions")}
+    compiled = train.compile_train_step(setup, state, batch)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    out["xla_flops_per_step_per_device"] = float(cost.get("flops", float("nan")))
+    mem = compiled.memory_analysis()
+    if mem is not None:
+      out["xla_memory_per_device"] = {
+          k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
+          ("argument", "output", "temp", "generated_code") if hasattr(mem, f"{k}_size_in_bytes")}
+  else:
+    out["xla"] = (f"skipped: the mesh needs {devices} devices and this process has "
+                  f"{jax.device_count()}; set JAX_NUM_CPU_DEVICES={devices} to compile on CPU")
+  return out
+
+
+class _Spec:
+  """A stand-in sharding carrying only a PartitionSpec (no devices needed)."""
+
+  def __init__(self, spec):
+    self.spec = spec
+
+
+def print_plan(result: dict):
+  gib = lambda b: f"{b / 2**30:.2f} GiB"
+  print(f"mesh: {result['mesh']}")
+  print(f"parameters: {result['parameters']:,} ({result['parameters'] / 1e9:.3f} B)")
+  print(f"FLOPs/token: {result['flops_per_token']:.4g} (6N + 6·L·s·d_attn); "
+        f"per step: {result['flops_per_step']:.4g} for {result['tokens_per_step']:,} tokens")
+  print(f"per device: parameters {gib(result['params_bytes_per_device'])}, optimizer "
+        f"{gib(result['optimizer_bytes_per_device'])} (float32; gradients and activations extra)")
+  if "xla" in result:
+    print(f"compiled analysis: {result['xla']}")
+  else:
+    print(f"compiled step, per device: {result['xla_flops_per_step_per_device']:.4g} FLOPs; "
+          + ", ".join(f"{k} {gib(v)}" for k, v in result.get("xla_memory_per_device", {}).items()))

@@ -1,0 +1,35 @@
+"""`sinkformer plan`: sizes from the sharding rules, XLA's analysis when devices exist."""
+
+import subprocess
+import sys
+
+import pytest
+
+from sinkformer import config, model, plan
+
+
+def test_1b_plan_shards_the_state_over_its_mesh_without_devices():
+  cfg = config.load("experiments/wiki_1b.py:h100x8")
+  result = plan.plan(cfg)
+  n = model.count_params(model.abstract(model.Dims.from_config(cfg))[1])
+  assert result["parameters"] == n and 1.0e9 <= n <= 1.2e9
+  assert result["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  # fsdp=8 splits every matrix over d_model (960 = 8 x 120): 1/8 of 4 bytes per parameter
+  assert result["params_bytes_per_device"] == pytest.approx(4 * n / 8, rel=0.01)
+  assert result["optimizer_bytes_per_device"] == pytest.approx(2 * 4 * n / 8, rel=0.01)
+  assert "JAX_NUM_CPU_DEVICES=8" in result["xla"]
+
+
+def test_quickstart_plan_includes_the_compiled_analysis():
+  result = plan.plan(config.load("experiments/quickstart.py"))
+  assert result["xla_flops_per_step_per_device"] == pytest.approx(result["flops_per_step"],
+                                                                   rel=0.25)
+  assert result["xla_memory_per_device"]["temp"] > 0
+
+
+def test_plan_command_prints_a_summary():
+  out = subprocess.run([sys.executable, "-m", "sinkformer", "plan", "--config",
+                        "experiments/wiki_1b.py:v5p_128"], capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert "parameters: 1,006,695,360" in out.stdout and "per device:" in out.stdout
