@@ -1,5 +1,8 @@
 """Benchmarks: they print figures, they never assert. Run them on a quiet machine.
 
+`checkpoint`: how long an async save blocks the loop, how long until it is on disk, its size,
+and the step time with and without a save in it (alternating, same process).
+
 `sinks`: the NULL's train step against the dense control's (same shapes, same parameter
 count) in one process, alternating, so machine noise hits both alike; prints the median
 per-round ratio and a JSON line.
@@ -8,12 +11,14 @@ per-round ratio and a JSON line.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 
 import jax
 import numpy as np
 
-from sinkformer import flops, model, packing, train
+from sinkformer import checkpoint, flops, model, packing, train
 
 
 def _timed_step(cfg):
@@ -76,4 +81,44 @@ def sinks(cfg, rounds: int = 30, steps_per_round: int = 3, warmup: int = 3) -> d
   return result
 
 
-BENCHES = {"sinks": sinks}
+def checkpoints(cfg, rounds: int = 10) -> dict:
+  setup = train.build(cfg)
+  state = train.init_state(setup, cfg.seed)
+  rows, _ = train.builtin_rows(cfg)
+  batch = train.put_batch(setup, packing.Stream(rows, cfg.train.batch_size, cfg.seed).batch(0))
+  step = train.compile_train_step(setup, state, batch)
+  cfg_json = cfg.to_json()
+  with tempfile.TemporaryDirectory() as tmp:
+    ckpts = checkpoint.Checkpoints(tmp, every=1, keep=2)
+    blocking, total, plain, during = [], [], [], []
+    for r in range(1, rounds + 1):
+      t0 = time.perf_counter()
+      state, m = step(state, batch)
+      jax.block_until_ready(m)
+      plain.append(time.perf_counter() - t0)
+      jax.block_until_ready(state)
+      t0 = time.perf_counter()
+      ckpts.save(2 * r, state, cfg_json, force=True)
+      blocking.append(time.perf_counter() - t0)
+      t1 = time.perf_counter()
+      state, m = step(state, batch)          # runs while the save is written
+      jax.block_until_ready(m)
+      during.append(time.perf_counter() - t1)
+      ckpts.wait()
+      total.append(time.perf_counter() - t0)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in
+               os.walk(os.path.join(tmp, str(2 * rounds))) for f in fs)
+    ckpts.close()
+  med = lambda xs: float(np.median(xs))
+  result = {"bench": "checkpoint", "bytes": size, "params": model.count_params(state["params"]),
+            "step_s": med(plain), "step_during_save_s": med(during),
+            "save_blocking_s": med(blocking), "save_total_s": med(total), "rounds": rounds}
+  print(f"checkpoint of {result['params']:,} params: {size / 2**20:.1f} MiB on disk")
+  print(f"  save blocks the loop {1e3 * result['save_blocking_s']:.1f} ms; on disk after "
+        f"{1e3 * result['save_total_s']:.1f} ms; step {1e3 * result['step_s']:.1f} ms, "
+        f"{1e3 * result['step_during_save_s']:.1f} ms while a save is written")
+  print(json.dumps(result))
+  return result
+
+
+BENCHES = {"sinks": sinks, "checkpoint": checkpoints}

@@ -75,6 +75,8 @@ COMMANDS = {
                         _checkpoint_info, ("checkpoint",)),
     "bench sinks": ("time the NULL train step against the equal-size dense control",
                     _bench_flags, lambda fv: _bench(fv, "sinks"), ("config",)),
+    "bench checkpoint": ("time an async checkpoint save against the train step",
+                         _bench_flags, lambda fv: _bench(fv, "checkpoint"), ("config",)),
 }
 
 

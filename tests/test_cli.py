@@ -60,3 +60,11 @@ def test_bench_sinks_prints_a_json_ratio():
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["bench"] == "sinks" and result["ratio"] > 0
   assert result["params"]["null"] == result["params"]["dense"]
+
+
+def test_bench_checkpoint_prints_its_figures():
+  out = cli("bench", "checkpoint", "--config", "experiments/quickstart.py:smoke", "--rounds", "2")
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["bench"] == "checkpoint" and result["bytes"] > 4 * result["params"]
+  assert result["save_total_s"] >= result["save_blocking_s"] > 0
