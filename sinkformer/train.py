@@ -239,7 +239,10 @@ def _evaluate(setup: Setup, eval_fn, params, splits: dict) -> dict:
 
 
 def train(cfg, workdir: str, devices=None):
-  """Train from scratch; returns (final state, list of logged metric dicts).
+  """Train, resuming from the workdir's newest intact checkpoint if there is one.
+
+  Returns (final state, list of logged metric dicts). Call it from the main thread (it
+  handles SIGTERM by saving and stopping).
 
   Every `eval_every` steps the loss is measured with each document's own sinks and with the
   backbone only, on training sources ("seen") and on held-out sources ("unseen"): the gap
@@ -312,8 +315,10 @@ def train(cfg, workdir: str, devices=None):
       reporter.scalars(done, row, "val")
       history.append({"step": done, "split": "val", **row})
       last = time.perf_counter()   # eval time is not training throughput
-    if stop:
-      reporter.line(f"SIGTERM: stopped after step {done}" + (", checkpoint saved" if saved else ""))
+    if stop:   # the signal may have arrived after this step's save decision
+      if not saved:
+        ckpts.save(done, state, cfg_json, force=True)
+      reporter.line(f"SIGTERM: stopped after step {done}, checkpoint saved")
       break
   ckpts.wait()
   ckpts.close()
