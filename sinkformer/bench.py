@@ -21,12 +21,17 @@ import numpy as np
 from sinkformer import checkpoint, flops, model, packing, train
 
 
-def _timed_step(cfg):
+def _compiled(cfg):
+  """(setup, fresh state, first batch, compiled train step) for a config."""
   setup = train.build(cfg)
   state = train.init_state(setup, cfg.seed)
   rows, _ = train.builtin_rows(cfg)
   batch = train.put_batch(setup, packing.Stream(rows, cfg.train.batch_size, cfg.seed).batch(0))
-  step = train.compile_train_step(setup, state, batch)
+  return setup, state, batch, train.compile_train_step(setup, state, batch)
+
+
+def _timed_step(cfg):
+  setup, state, batch, step = _compiled(cfg)
   holder = {"state": state, "params": model.count_params(state["params"])}
 
   def run(steps: int = 1) -> float:
@@ -82,11 +87,7 @@ def sinks(cfg, rounds: int = 30, steps_per_round: int = 3, warmup: int = 3) -> d
 
 
 def checkpoints(cfg, rounds: int = 10) -> dict:
-  setup = train.build(cfg)
-  state = train.init_state(setup, cfg.seed)
-  rows, _ = train.builtin_rows(cfg)
-  batch = train.put_batch(setup, packing.Stream(rows, cfg.train.batch_size, cfg.seed).batch(0))
-  step = train.compile_train_step(setup, state, batch)
+  _, state, batch, step = _compiled(cfg)
   cfg_json = cfg.to_json()
   with tempfile.TemporaryDirectory() as tmp:
     ckpts = checkpoint.Checkpoints(tmp, every=1, keep=2)

@@ -12,7 +12,7 @@ import sys
 from absl import flags
 
 from sinkformer.config import define_config_flag
-from sinkformer.errors import UserError, one_line
+from sinkformer.errors import PARSE_ERRORS, UserError, one_line
 
 PROG = "sinkformer"
 
@@ -115,7 +115,7 @@ def run(argv) -> int:
     for flag in required:
       if fv[flag].value is None:
         raise UserError(f"--{flag} is required; see '{PROG} {name} --help'")
-  except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError) as e:
+  except PARSE_ERRORS as e:
     raise UserError(one_line(e)) from None
   action(fv)
   return 0

@@ -7,7 +7,7 @@ import math
 from absl import flags
 from ml_collections import config_flags
 
-from sinkformer.errors import ConfigError, UserError, one_line
+from sinkformer.errors import PARSE_ERRORS, ConfigError, UserError, one_line
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -31,7 +31,7 @@ def load(spec: str, overrides: tuple[str, ...] = ()):
     fv(argv)
     fv.config.to_dict()   # config files load lazily: surface a load error here
     return fv.config
-  except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError) as e:
+  except PARSE_ERRORS as e:
     raise UserError(f"cannot load config {spec!r}: {one_line(e)}") from None
 
 

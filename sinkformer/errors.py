@@ -1,5 +1,10 @@
 """User-facing errors: the CLI prints these as one line, never as a traceback."""
 
+# What absl/ml_collections raise for a bad flag, config file or override.
+from absl import flags
+
+PARSE_ERRORS = (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError)
+
 
 class UserError(Exception):
   """A mistake the user can fix (bad flag, config, path or input)."""
