@@ -27,13 +27,15 @@ PRESETS = {
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.model = dict(kind="null", vocab_size=256, d_model=128, num_layers=4, num_heads=4,
+  c.model = dict(kind="null", vocab_size=512, d_model=128, num_layers=4, num_heads=4,
                  num_kv_heads=2, head_dim=32, mlp_backbone=96, rope_base=1e4, norm_eps=1e-5,
                  tie_embeddings=False, dtype="float32")
   c.sinks = dict(num=416, k=16, selection="exact", per_layer=False, seed=0,
                  backbone_rescale=False, attn_heads=0, attn_k=0)
-  c.data = dict(corpus="builtin", num_sources=400, val_sources=64, facts_per_source=3, seed=0,
-                seq_len=128, max_docs_per_row=8)
+  c.data = dict(corpus="wiki-vital", fallback="builtin", dir="", source_by="document",
+                reader="arrayrecord", tfds_dir="", tokenizer_hash="", holdout="", exclude="",
+                val_sources=64, num_sources=400, facts_per_source=3, seed=0, seq_len=128,
+                max_docs_per_row=8, workers=2)
   c.train = dict(steps=160, batch_size=16, grad_accum=1, lr=2e-3, min_lr_ratio=0.1,
                  warmup_steps=16, weight_decay=0.1, b1=0.9, b2=0.95, clip_norm=1.0,
                  log_every=10, eval_every=40, eval_batches=4,   # 160 steps ~ 25 epochs

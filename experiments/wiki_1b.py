@@ -31,8 +31,12 @@ def get_config(arg=None):
                  tie_embeddings=False, dtype="bfloat16")
   c.sinks = dict(num=7692, k=100, selection="exact", per_layer=False, seed=0,
                  backbone_rescale=False, attn_heads=0, attn_k=0)
-  c.data = dict(corpus="builtin", num_sources=4096, val_sources=256, facts_per_source=3, seed=0,
-                seq_len=1024, max_docs_per_row=32)
+  # English Wikipedia from TFDS (prepared with array_record into data.tfds_dir): one source
+  # per article, tokenized once into DATA_DIR/prepared by the first run.
+  c.data = dict(corpus="tfds:wikipedia/20231101.en:train", fallback="", dir="",
+                source_by="document", reader="arrayrecord", tfds_dir="", tokenizer_hash="",
+                holdout="", exclude="", val_sources=4096, num_sources=4096, facts_per_source=3,
+                seed=0, seq_len=1024, max_docs_per_row=32, workers=8)
   c.train = dict(steps=60000, batch_size=512, grad_accum=1, lr=5e-4, min_lr_ratio=0.1,
                  warmup_steps=2000, weight_decay=0.1, b1=0.9, b2=0.95, clip_norm=1.0,
                  log_every=50, eval_every=2000, eval_batches=16,

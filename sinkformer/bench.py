@@ -18,15 +18,14 @@ import time
 import jax
 import numpy as np
 
-from sinkformer import checkpoint, flops, model, packing, train
+from sinkformer import checkpoint, data as data_lib, flops, model, train
 
 
 def _compiled(cfg):
   """(setup, fresh state, first batch, compiled train step) for a config."""
   setup = train.build(cfg)
   state = train.init_state(setup, cfg.seed)
-  rows, _ = train.builtin_rows(cfg)
-  batch = train.put_batch(setup, packing.Stream(rows, cfg.train.batch_size, cfg.seed).batch(0))
+  batch = train.put_batch(setup, data_lib.load(cfg).train.batch(0))
   return setup, state, batch, train.compile_train_step(setup, state, batch)
 
 
@@ -88,7 +87,7 @@ def sinks(cfg, rounds: int = 30, steps_per_round: int = 3, warmup: int = 3) -> d
 
 def checkpoints(cfg, rounds: int = 10) -> dict:
   _, state, batch, step = _compiled(cfg)
-  cfg_json = cfg.to_json()
+  meta = {"config": json.loads(cfg.to_json())}
   with tempfile.TemporaryDirectory() as tmp:
     ckpts = checkpoint.Checkpoints(tmp, every=1, keep=2)
     blocking, total, plain, during = [], [], [], []
@@ -99,7 +98,7 @@ def checkpoints(cfg, rounds: int = 10) -> dict:
       plain.append(time.perf_counter() - t0)
       jax.block_until_ready(state)
       t0 = time.perf_counter()
-      ckpts.save(2 * r, state, cfg_json, force=True)
+      ckpts.save(2 * r, state, meta, force=True)
       blocking.append(time.perf_counter() - t0)
       t1 = time.perf_counter()
       state, m = step(state, batch)          # runs while the save is written

@@ -32,6 +32,7 @@ def params_hash(params) -> str:
 
 
 def differences(saved: dict, current: dict, sections=ARCHITECTURE) -> list[str]:
+  """What differs between two configs (as dicts) in the sections that define the weights."""
   out = []
   for section in sections:
     a, b = saved.get(section, {}), current.get(section, {})
@@ -39,6 +40,16 @@ def differences(saved: dict, current: dict, sections=ARCHITECTURE) -> list[str]:
       if a.get(key) != b.get(key):
         out.append(f"{section}.{key}: checkpoint {a.get(key)!r} != config {b.get(key)!r}")
   return out
+
+
+def data_differences(saved: dict, current: dict) -> list[str]:
+  """Tokenizer, corpus and catalog identity (data.Data.identity) that differ."""
+  flat = lambda d: {"corpus": d.get("corpus"), "tokenizer": d.get("tokenizer_sha256"),
+                    **{f"corpora[{i}].{k}": v for i, c in enumerate(d.get("corpora", []))
+                       for k, v in c.items() if k != "path"}}
+  a, b = flat(saved), flat(current)
+  return [f"data {k}: checkpoint {a.get(k)!r} != now {b.get(k)!r}"
+          for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 class Checkpoints:
@@ -49,8 +60,9 @@ class Checkpoints:
         save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=True,
         create=True))
 
-  def save(self, step: int, state, cfg_json: str, force: bool = False) -> bool:
-    meta = {"step": step, "config": json.loads(cfg_json)}
+  def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
+    """meta: {"config": ..., "data": data identity} (JSON-able); the step is added."""
+    meta = {"step": step, **meta}
     return self.manager.save(step, force=force, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
@@ -111,7 +123,8 @@ def info(path: str) -> dict:
   import ml_collections
   from sinkformer import model, train
   ckpts, step = locate(path)
-  cfg = ml_collections.ConfigDict(ckpts.meta(step)["config"])
+  meta = ckpts.meta(step)
+  cfg = ml_collections.ConfigDict(meta["config"])
   cfg.mesh.update(data=1, fsdp=1, tensor=1)
   setup = train.build(cfg, jax.devices("cpu")[:1])
   state, _ = ckpts.restore(step, train.abstract_state(setup))
@@ -121,5 +134,13 @@ def info(path: str) -> dict:
                    f"{m.num_heads}/{m.num_kv_heads}x{m.head_dim}, vocab {m.vocab_size}",
           "sinks": f"G {m.mlp_backbone} + P {s.num}, k {s.k} ({s.selection}"
                    f"{', per layer' if s.per_layer else ''}), seed {s.seed}",
+          "data": ", ".join(f"{k} {v}" for k, v in _data_summary(meta.get("data", {})).items()),
           "parameters": model.count_params(state["params"]),
           "hash": params_hash(state["params"])}
+
+
+def _data_summary(identity: dict) -> dict:
+  if identity.get("corpus") == "builtin":
+    return {"corpus": "builtin"}
+  return {"corpora": "+".join(os.path.basename(c["path"]) for c in identity.get("corpora", [])),
+          "tokenizer": str(identity.get("tokenizer_sha256"))[:16]}

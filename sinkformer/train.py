@@ -2,7 +2,7 @@
 
 State is a plain dict `{"step", "params", "opt"}` of arrays (checkpointable as is). The step
 is `jax.jit` with explicit in/out shardings on the run's mesh and the state donated. Batches
-are a pure function of the step (packing.Stream), so a run can restart anywhere.
+are a pure function of the step (data.Batches), so a run can restart anywhere.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from sinkformer import config as config_lib
-from sinkformer import checkpoint, flops, mesh as mesh_lib, model, packing, report, sinks, synthetic
+from sinkformer import checkpoint, data as data_lib, flops, mesh as mesh_lib, model, report, sinks
 from sinkformer.errors import UserError
 
 
@@ -92,13 +92,15 @@ def abstract_state(setup: Setup) -> dict:
                       shapes, setup.state_shardings)
 
 
-def resume_or_init(setup: Setup, ckpts: checkpoint.Checkpoints) -> dict:
-  """The newest intact checkpoint's state if there is one, else a fresh state."""
+def resume_or_init(setup: Setup, ckpts: checkpoint.Checkpoints, data_identity: dict) -> dict:
+  """The newest intact checkpoint's state if there is one, else a fresh state. A checkpoint
+  of another architecture, tokenizer or source catalog is refused."""
   restored = ckpts.restore_latest(abstract_state(setup))
   if restored is None:
     return init_state(setup, setup.cfg.seed)
   state, meta = restored
   diffs = checkpoint.differences(meta["config"], json.loads(setup.cfg.to_json()))
+  diffs += checkpoint.data_differences(meta.get("data", {}), data_identity)
   if diffs:
     raise UserError(f"{ckpts.directory} was written by an incompatible config: "
                     + "; ".join(diffs) + " (use another --workdir, or the original config)")
@@ -201,19 +203,6 @@ def put_batch(setup: Setup, local: dict) -> dict:
       setup.batch_sharding, v, (v.shape[0] * n,) + v.shape[1:]) for k, v in local.items()}
 
 
-def builtin_rows(cfg):
-  """(train rows, validation rows) of the built-in corpus; validation sources never train."""
-  d = cfg.data
-  if synthetic.vocab_size(d.facts_per_source) > cfg.model.vocab_size:
-    raise config_lib.ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than "
-                                 f"the built-in corpus' {synthetic.vocab_size(d.facts_per_source)}")
-  train = synthetic.generate(d.num_sources, d.facts_per_source, d.seed)
-  val = synthetic.generate(d.val_sources, d.facts_per_source, d.seed + 1,
-                           first_id=d.num_sources + 1)
-  pack = lambda c: packing.pack(c.docs, c.sources, d.seq_len, d.max_docs_per_row)
-  return pack(train), pack(val)
-
-
 def _aggregate_sources(docs: list[dict]):
   source = np.concatenate([d["source"].ravel() for d in docs])
   loss = np.concatenate([d["loss"].ravel() for d in docs])
@@ -225,13 +214,15 @@ def _aggregate_sources(docs: list[dict]):
 
 
 def _evaluate(setup: Setup, eval_fn, params, splits: dict) -> dict:
-  """Mean loss per split and mode: e.g. seen_loss, seen_backbone_loss, unseen_loss, ..."""
-  t, rows = setup.cfg.train, process_rows(setup.cfg.train.batch_size)
+  """Mean loss per split and mode: e.g. seen_loss, seen_backbone_loss, unseen_loss, ...
+  Split s is evaluated on the first eval_batches batches of its stream's epoch 0."""
+  t = setup.cfg.train
+  start, stop = process_rows(t.batch_size)
   out = {}
-  for split, split_rows in splits.items():
-    sums = [jax.device_get(eval_fn(params, put_batch(setup, {k: v[slice(*rows)]
-                                                             for k, v in b.items()})))
-            for b in packing.fixed_batches(split_rows, t.batch_size, t.eval_batches)]
+  for split, stream in splits.items():
+    sums = [jax.device_get(eval_fn(params, put_batch(
+                setup, stream.rows(b * t.batch_size + np.arange(start, stop)))))
+            for b in range(t.eval_batches)]
     n = sum(s["tokens"] for s in sums)
     out.update({f"{split}_{name}": float(sum(s[name] for s in sums) / n)
                 for name in sums[0] if name != "tokens"})
@@ -250,9 +241,9 @@ def train(cfg, workdir: str, devices=None):
   """
   setup = build(cfg, devices)
   t, d = cfg.train, cfg.data
-  train_rows, val_rows = builtin_rows(cfg)
-  stream = packing.Stream(train_rows, t.batch_size, cfg.seed)
-  local = lambda step: stream.batch(step, *process_rows(t.batch_size))
+  say = lambda text: jax.process_index() == 0 and print(text, flush=True)
+  data = data_lib.load(cfg, say)
+  rows = process_rows(t.batch_size)
 
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -260,7 +251,7 @@ def train(cfg, workdir: str, devices=None):
       f.write(cfg.to_json(indent=2))
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), t.checkpoint_every,
                                  t.keep_checkpoints)
-  state = resume_or_init(setup, ckpts)
+  state = resume_or_init(setup, ckpts, data.identity)
   first = int(state["step"])
   reporter = report.Reporter(workdir, t.steps, first)
   if first:
@@ -268,28 +259,31 @@ def train(cfg, workdir: str, devices=None):
   n_params = model.count_params(state["params"])
   flops_token = flops.flops_per_token(setup.dims, d.seq_len)
   peak, peak_src = flops.device_peak(cfg.model.dtype)
+  reporter.line(f"data: {data.summary}")
   reporter.line(f"{cfg.model.kind} model: {n_params / 1e6:.2f}M params, mesh "
-                f"{dict(setup.mesh.shape)}, {stream.num_rows} packed rows/epoch, "
-                f"{flops_token / 1e6:.1f} MFLOP/token, peak {peak / 1e9:.0f} GFLOP/s ({peak_src})")
-  example = put_batch(setup, local(0))
+                f"{dict(setup.mesh.shape)}, {flops_token / 1e6:.1f} MFLOP/token, peak "
+                f"{peak / 1e9:.0f} GFLOP/s ({peak_src})")
+  example = put_batch(setup, data.train.batch(0, *rows))
   train_fn = compile_train_step(setup, state, example)
   eval_fn = compile_eval_step(setup, state["params"], example) if t.eval_every else None
 
   # SIGTERM (preemption): finish the step in flight, save, and stop.
   stop = []
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-  history, pending, data_time, cfg_json = [], [], 0.0, cfg.to_json()
+  history, pending, data_time = [], [], 0.0
+  meta = {"config": json.loads(cfg.to_json()), "data": data.identity}
   tokens_per_step = t.batch_size * d.seq_len
+  batches = data_lib.iterate(data.train, first, t.steps, *rows, threads=d.workers)
   start = last = time.perf_counter()
   for step in range(first, t.steps):
     t0 = time.perf_counter()
-    batch = put_batch(setup, local(step))
+    batch = put_batch(setup, next(batches))
     data_time += time.perf_counter() - t0
     state, metrics = train_fn(state, batch)
     pending.append(metrics)
     done = step + 1
     saved = (done % t.checkpoint_every == 0 or done == t.steps or bool(stop)) and ckpts.save(
-        done, state, cfg_json, force=True)
+        done, state, meta, force=True)
     reporter.advance(1)
     if done % t.log_every == 0 or done == t.steps:
       fetched = jax.device_get(pending)
@@ -299,7 +293,7 @@ def train(cfg, workdir: str, devices=None):
       row = {"loss": float(np.mean([m["loss"] for m in fetched])),
              "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(fetched[-1]["lr"]),
              "tokens_per_s": tok_s, "mfu": flops.mfu(tok_s, flops_token, peak, setup.mesh.size),
-             "data_frac": data_time / elapsed, "epoch": stream.epoch_of(done)}
+             "data_frac": data_time / elapsed, "epoch": data.train.epoch_of(done)}
       eta = (now - start) / (done - first) * (t.steps - done)
       reporter.line(f"step {done}/{t.steps} | loss {row['loss']:.4f} | "
                     f"{report.human(tok_s)} tok/s | MFU {100 * row['mfu']:.2f}% | "
@@ -310,14 +304,14 @@ def train(cfg, workdir: str, devices=None):
       history.append({"step": done, **row})
       pending, data_time, last = [], 0.0, time.perf_counter()
     if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
-      row = _evaluate(setup, eval_fn, state["params"], {"seen": train_rows, "unseen": val_rows})
+      row = _evaluate(setup, eval_fn, state["params"], {"seen": data.seen, "unseen": data.unseen})
       reporter.line(f"eval {done}: " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
       reporter.scalars(done, row, "val")
       history.append({"step": done, "split": "val", **row})
       last = time.perf_counter()   # eval time is not training throughput
     if stop:   # the signal may have arrived after this step's save decision
       if not saved:
-        ckpts.save(done, state, cfg_json, force=True)
+        ckpts.save(done, state, meta, force=True)
       reporter.line(f"SIGTERM: stopped after step {done}, checkpoint saved")
       break
   ckpts.wait()

@@ -7,12 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sinkformer import flops, packing, train
+from sinkformer import data as data_lib, flops, train
 
 
 def first_batch(setup, cfg, step=0):
-  rows, _ = train.builtin_rows(cfg)
-  return train.put_batch(setup, packing.Stream(rows, cfg.train.batch_size, cfg.seed).batch(step))
+  return train.put_batch(setup, data_lib.load(cfg).train.batch(step))
 
 
 def test_a_few_steps_lower_the_loss(smoke_cfg):
@@ -77,8 +76,8 @@ def test_training_sources_score_better_with_their_own_sinks(smoke_cfg, tmp_path)
   smoke_cfg.data.num_sources = 48
   state, _ = train.train(smoke_cfg, str(tmp_path))
   setup = train.build(smoke_cfg)
-  rows, _ = train.builtin_rows(smoke_cfg)
-  batch = {k: jnp.asarray(v) for k, v in rows.items()}
+  seen = data_lib.load(smoke_cfg).seen
+  batch = {k: jnp.asarray(v) for k, v in seen.rows(np.arange(seen.epoch_rows(0))).items()}
   loss = {}
   for mode in ("train", "backbone"):
     nll, mask = train.token_losses(setup, state["params"], batch, mode)

@@ -1,0 +1,351 @@
+"""Documents with source ids -> packed rows -> global batches that are a pure function of step.
+
+Per epoch e (seed s): all documents in the order permutation(s, e), minus held-out and
+excluded sources -> windows of at most seq_len tokens (a long document is cut; every window
+keeps its source id) -> greedy in-order packing into rows of seq_len with at most
+max_docs_per_row documents -> row r of the run is the next row in that sequence. Global batch
+`step` is rows [step*B, (step+1)*B); a process builds only its slice. Because the order is
+fixed before anything is removed, a run that excludes sources (the retrain oracle) sees the
+same document sequence minus those sources. Nothing depends on worker or process counts, so
+resuming at step n gives the batches an uninterrupted run would.
+
+A token's target is the next token of the same document; the last token of a window and
+padding are masked out of the loss. Document slots: segment ids 1.., 0 = padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+from typing import Callable
+
+import grain
+import numpy as np
+
+from sinkformer import catalog as catalog_lib, fetch, prepare as prepare_lib, synthetic
+from sinkformer.errors import ConfigError, UserError
+
+FIELDS = ("tokens", "targets", "loss_mask", "source_ids", "segment_ids", "positions")
+
+
+@dataclasses.dataclass
+class DocSet:
+  """Random-access documents: `read(indices)` -> token arrays; ids and lengths in memory."""
+  name: str
+  source_ids: np.ndarray        # [N] int32 (after any mixture offset)
+  lengths: np.ndarray           # [N] int32
+  read: Callable[[np.ndarray], list[np.ndarray]]
+  vocab_size: int
+  manifest: dict | None = None  # prepared data only
+  path: str | None = None
+  id_offset: int = 0            # added to the catalog's ids (mixtures)
+
+
+def in_memory(name: str, docs: list[np.ndarray], sources, vocab_size: int) -> DocSet:
+  return DocSet(name, np.asarray(sources, np.int32), np.asarray([len(d) for d in docs], np.int32),
+                lambda idx: [docs[i] for i in idx], vocab_size)
+
+
+def open_prepared(path: str, reader: str = "arrayrecord", id_offset: int = 0) -> DocSet:
+  """A `sinkformer data prepare` directory, read from its ArrayRecord shards or its TFDS copy."""
+  try:
+    with open(os.path.join(path, "manifest.json")) as f:
+      manifest = json.load(f)
+  except OSError:
+    raise UserError(f"{path} is not prepared data (no manifest.json); run 'sinkformer data "
+                    f"prepare --corpus ... --out {path}'") from None
+  index = np.load(os.path.join(path, "documents.npz"))
+  if reader == "arrayrecord":
+    from grain.sources import ArrayRecordDataSource
+    source = ArrayRecordDataSource([os.path.join(path, s) for s in manifest["shards"]])
+    read = lambda idx: [prepare_lib.decode_record(source[int(i)])[1] for i in idx]
+  elif reader == "tfds":
+    import tensorflow_datasets as tfds
+    info = manifest.get("tfds")
+    if not info:
+      raise UserError(f"{path} has no TFDS copy; prepare it with --tfds or use reader "
+                      "'arrayrecord'")
+    source = tfds.data_source(info["name"], split=info["split"],
+                              data_dir=os.path.join(path, info["data_dir"]))
+    read = lambda idx: [np.asarray(source[int(i)]["tokens"], np.int32) for i in idx]
+  else:
+    raise ConfigError("data.reader", f"{reader!r} is not 'arrayrecord' or 'tfds'")
+  ids = index["source_ids"].astype(np.int32)
+  return DocSet(os.path.basename(path.rstrip("/")), ids + np.int32(id_offset) * (ids > 0),
+                index["lengths"], read, manifest["tokenizer"]["vocab_size"], manifest, path,
+                id_offset)
+
+
+class DocStream:
+  """Packed rows of the documents selected by `keep`, epoch after epoch (see module doc)."""
+
+  def __init__(self, docs: DocSet, keep: np.ndarray | None, seq_len: int, max_docs: int,
+               seed: int):
+    self.docs, self.seq_len, self.max_docs, self.seed = docs, seq_len, max_docs, seed
+    self.keep = np.ones(len(docs.lengths), bool) if keep is None else keep
+    if not self.keep.any():
+      raise UserError(f"{docs.name}: no documents left after holding out/excluding sources")
+    self._plans: dict[int, tuple] = {}
+    self._rows_per_epoch: list[int] = []
+    self._lock = threading.Lock()
+
+  def _plan(self, epoch: int):
+    """(window doc, offset, length, row starts) of epoch `epoch`; the last two are cached."""
+    with self._lock:
+      if epoch not in self._plans:
+        order = np.random.default_rng((self.seed, epoch)).permutation(len(self.keep))
+        order = order[self.keep[order]]
+        self._plans = {e: p for e, p in self._plans.items() if e == epoch - 1}
+        self._plans[epoch] = _pack_plan(order, self.docs.lengths[order], self.seq_len,
+                                        self.max_docs)
+      return self._plans[epoch]
+
+  def epoch_rows(self, epoch: int) -> int:
+    while len(self._rows_per_epoch) <= epoch:
+      self._rows_per_epoch.append(len(self._plan(len(self._rows_per_epoch))[3]) - 1)
+    return self._rows_per_epoch[epoch]
+
+  def _locate(self, row: int) -> tuple[int, int]:
+    """Global row index -> (epoch, row within the epoch)."""
+    epoch = 0
+    while True:
+      if row < self.epoch_rows(epoch):
+        return epoch, row
+      row -= self._rows_per_epoch[epoch]
+      epoch += 1
+
+  def rows(self, indices) -> dict[str, np.ndarray]:
+    pieces = []
+    for g in indices:
+      epoch, r = self._locate(int(g))
+      doc, offset, length, starts = self._plan(epoch)
+      span = slice(starts[r], starts[r + 1])
+      pieces.append(list(zip(doc[span], offset[span], length[span])))
+    wanted = np.unique([d for row in pieces for d, _, _ in row])
+    texts = dict(zip(wanted.tolist(), self.docs.read(wanted)))
+    rows = [[(texts[d][o:o + n], self.docs.source_ids[d]) for d, o, n in row] for row in pieces]
+    return assemble(rows, self.seq_len)
+
+  def epochs(self, row: int) -> float:
+    epoch, r = self._locate(row)
+    return epoch + r / self._rows_per_epoch[epoch]
+
+
+def _pack_plan(order, lengths, seq_len: int, max_docs: int):
+  counts = -(-lengths // seq_len)                       # windows per document
+  doc = np.repeat(order, counts)
+  k = np.arange(len(doc)) - np.repeat(np.cumsum(counts) - counts, counts)
+  offset = (k * seq_len).astype(np.int64)
+  length = np.minimum(seq_len, np.repeat(lengths, counts) - offset)
+  ends = np.concatenate([[0], np.cumsum(length)])
+  starts, s, n = [], 0, len(length)
+  while s < n:                                          # greedy next-fit, max_docs per row
+    starts.append(s)
+    fits = int(np.searchsorted(ends, ends[s] + seq_len, side="right")) - 1
+    s = min(max(fits, s + 1), s + max_docs, n)
+  return doc, offset, length, np.asarray(starts + [n])
+
+
+def assemble(rows, seq_len: int) -> dict[str, np.ndarray]:
+  """Rows of [(tokens, source_id), ...] -> the model's per-token arrays (see FIELDS)."""
+  out = {f: np.zeros((len(rows), seq_len), np.int32) for f in FIELDS}
+  for r, row in enumerate(rows):
+    at = 0
+    for segment, (tokens, source) in enumerate(row, start=1):
+      n = len(tokens)
+      out["tokens"][r, at:at + n] = tokens
+      out["targets"][r, at:at + n - 1] = tokens[1:]
+      out["loss_mask"][r, at:at + n - 1] = 1
+      out["source_ids"][r, at:at + n] = source
+      out["segment_ids"][r, at:at + n] = segment
+      out["positions"][r, at:at + n] = np.arange(n)
+      at += n
+  return out
+
+
+class Batches:
+  """Global batch `step` of a weighted mixture of streams (one stream: weight 1).
+
+  Each stream gets a fixed number of the B slots of every batch (largest remainder of
+  weight * B, at least one), interleaved evenly; stream c's rows are consumed in order.
+  """
+
+  def __init__(self, streams: list[DocStream], weights: list[float], batch_size: int):
+    self.streams, self.batch_size = streams, batch_size
+    share = np.asarray(weights, float) / np.sum(weights) * batch_size
+    quota = np.floor(share).astype(int)
+    quota[np.argsort(quota - share)[:batch_size - quota.sum()]] += 1
+    if (quota == 0).any():
+      raise ConfigError("data.corpus", f"weights {weights} give a corpus no row of a "
+                        f"{batch_size}-row batch; raise its weight or the batch size")
+    self.quota = quota
+    slots = sorted(((j + 0.5) / q, c, j) for c, q in enumerate(quota) for j in range(q))
+    self.slots = [(c, j) for _, c, j in slots]
+
+  def batch(self, step: int, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+    slots = self.slots[start:self.batch_size if stop is None else stop]
+    parts = [self.streams[c].rows([step * self.quota[c] + j]) for c, j in slots]
+    return {f: np.concatenate([p[f] for p in parts]) for f in FIELDS}
+
+  def epoch_of(self, step: int) -> float:
+    return self.streams[0].epochs(step * self.quota[0])
+
+
+def iterate(batches: Batches, first: int, last: int, start: int, stop: int, threads: int = 2):
+  """Grain pipeline over steps [first, last): each element is this process's slice of one
+  global batch, built by `threads` threads ahead of the trainer."""
+  ds = grain.MapDataset.range(first, last).map(lambda step: batches.batch(step, start, stop))
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                   prefetch_buffer_size=2 * threads)))
+
+
+@dataclasses.dataclass
+class Data:
+  """What the trainer needs: the training batches and the seen/unseen evaluation streams."""
+  train: Batches
+  seen: DocStream
+  unseen: DocStream
+  vocab_size: int
+  identity: dict        # tokenizer/catalog hashes and corpus names: checked on resume
+  summary: str
+
+
+def parse_refs(value: str) -> list[str]:
+  """'a,b,c' or '@file' (one reference per line) -> references; '' -> []."""
+  if not value:
+    return []
+  if value.startswith("@"):
+    try:
+      with open(value[1:]) as f:
+        return [line.strip() for line in f if line.strip()]
+    except OSError as e:
+      raise UserError(f"cannot read source list {value[1:]}: {e.strerror}") from None
+  return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _builtin(cfg) -> Data:
+  d = cfg.data
+  need = synthetic.vocab_size(d.facts_per_source)
+  if need > cfg.model.vocab_size:
+    raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the "
+                      f"built-in corpus' {need}")
+  train = synthetic.generate(d.num_sources, d.facts_per_source, d.seed)
+  val = synthetic.generate(d.val_sources, d.facts_per_source, d.seed + 1,
+                           first_id=d.num_sources + 1)
+  train_set = in_memory("builtin", train.docs, train.sources, need)
+  refs = parse_refs(d.holdout) + parse_refs(d.exclude)
+  bad = [r for r in refs if not (r.isdigit() and 1 <= int(r) <= d.num_sources)]
+  if bad:
+    raise ConfigError("data.exclude", f"unknown built-in source(s) {bad[:5]}: built-in sources "
+                      f"are ids 1..{d.num_sources}")
+  keep = ~np.isin(train_set.source_ids, np.asarray([int(r) for r in refs], np.int32))
+  seen = DocStream(train_set, keep, d.seq_len, d.max_docs_per_row, cfg.seed)
+  unseen = DocStream(in_memory("builtin-val", val.docs, val.sources, need), None, d.seq_len,
+                     d.max_docs_per_row, cfg.seed)
+  return Data(Batches([seen], [1.0], cfg.train.batch_size), seen, unseen, need,
+              {"corpus": "builtin"}, f"built-in corpus, {d.num_sources} sources")
+
+
+def prepared_dir(spec: str, cfg) -> str:
+  """Where the trainer keeps its own preparation of a raw corpus spec."""
+  d = cfg.data
+  name = "".join(c if c.isalnum() or c in "-._" else "_" for c in spec.strip("/"))
+  return os.path.join(d.dir or fetch.default_data_dir(), "prepared",
+                      f"{name}-{d.source_by}-bpe{cfg.model.vocab_size}")
+
+
+def _ensure_prepared(spec: str, cfg, log) -> str:
+  """A prepared directory for `spec`, preparing a raw corpus the first time it is used."""
+  if os.path.exists(os.path.join(spec, "manifest.json")):
+    return spec
+  out = prepared_dir(spec, cfg)
+  if not os.path.exists(os.path.join(out, "manifest.json")):
+    import jax
+    if jax.process_index() == 0:
+      log(f"data: preparing {spec} into {out} (once)")
+      prepare_lib.prepare(spec, out, vocab_size=cfg.model.vocab_size,
+                          source_by=cfg.data.source_by, data_dir=cfg.data.dir or None,
+                          tfds_dir=cfg.data.tfds_dir or None, log=log)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"prepare {out}")
+  return out
+
+
+def _corpus_specs(value: str) -> list[tuple[str, float]]:
+  specs = []
+  for part in value.split(","):
+    spec, _, weight = part.strip().partition("@")
+    try:
+      specs.append((spec, float(weight) if weight else 1.0))
+    except ValueError:
+      raise ConfigError("data.corpus", f"bad weight in {part!r}: use SPEC@WEIGHT") from None
+  return specs
+
+
+def load(cfg, log=print) -> Data:
+  """The data a config names: built-in, a fetched corpus, a raw corpus, prepared data, or a
+  weighted mixture `a@3,b@1` (source ids of later corpora are offset past earlier ones)."""
+  d = cfg.data
+  specs = _corpus_specs(d.corpus)
+  first = specs[0][0]
+  if first == "builtin":
+    return _builtin(cfg)
+  if first in fetch.CORPORA and d.fallback == "builtin" and not os.path.exists(
+      fetch.corpus_path(first, d.dir or None)):
+    log(f"data: {first} has not been fetched ('sinkformer data fetch {first}'); training on the "
+        "built-in synthetic corpus instead")
+    return _builtin(cfg)
+
+  streams, identity, offset, hashes = [], {"corpora": []}, 0, set()
+  for i, (spec, weight) in enumerate(specs):
+    docs = open_prepared(_ensure_prepared(spec, cfg, log), d.reader, offset)
+    m = docs.manifest
+    hashes.add(m["tokenizer"]["sha256"])
+    if d.tokenizer_hash and m["tokenizer"]["sha256"] != d.tokenizer_hash:
+      raise ConfigError("data.tokenizer_hash", f"{docs.path} was tokenized with "
+                        f"{m['tokenizer']['sha256']}, not {d.tokenizer_hash}")
+    if len(hashes) > 1:
+      raise ConfigError("data.corpus", "mixed corpora must share one tokenizer (prepare them "
+                        "with --tokenizer of the first)")
+    if docs.vocab_size > cfg.model.vocab_size:
+      raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the "
+                        f"tokenizer of {docs.path} ({docs.vocab_size})")
+    keep, held = _selection(docs, cfg)
+    stream = DocStream(docs, keep, d.seq_len, d.max_docs_per_row, cfg.seed)
+    if i == 0:
+      seen = stream
+      unseen = DocStream(docs, held, d.seq_len, d.max_docs_per_row, cfg.seed) if held.any() else None
+    streams.append(stream)
+    identity["corpora"].append({"path": os.path.abspath(docs.path), "id_offset": offset,
+                                "catalog_sha256": m["catalog_sha256"],
+                                "corpus_sha256": m["corpus"]["sha256"]})
+    offset += int(m["sources"])
+  if unseen is None:
+    raise ConfigError("data.val_sources", "no held-out sources to evaluate on: set "
+                      "data.val_sources > 0 or data.holdout")
+  identity["tokenizer_sha256"] = hashes.pop()
+  summary = " + ".join(f"{s.docs.name} ({s.keep.sum():,} docs" + (f", weight {w:g})" if len(specs) > 1 else ")")
+                       for s, (_, w) in zip(streams, specs))
+  return Data(Batches(streams, [w for _, w in specs], cfg.train.batch_size), seen, unseen,
+              streams[0].docs.vocab_size, identity, summary)
+
+
+def _selection(docs: DocSet, cfg) -> tuple[np.ndarray, np.ndarray]:
+  """(documents to train on, held-out documents) after data.holdout/val_sources/exclude."""
+  d = cfg.data
+  cat = catalog_lib.Catalog(os.path.join(docs.path, "catalog.sqlite"))
+  try:
+    excluded = np.asarray(cat.resolve(parse_refs(d.exclude)), np.int32) + docs.id_offset
+    held = np.asarray(cat.resolve(parse_refs(d.holdout)), np.int32) + docs.id_offset
+  finally:
+    cat.close()
+  ids = np.unique(docs.source_ids)
+  candidates = np.setdiff1d(ids, np.concatenate([excluded, held]))
+  count = min(d.val_sources, len(candidates) - 1)
+  drawn = np.random.default_rng((d.seed, 1)).choice(candidates, count, replace=False)
+  held = np.concatenate([held, drawn])
+  is_held = np.isin(docs.source_ids, held)
+  return ~is_held & ~np.isin(docs.source_ids, excluded), is_held
