@@ -327,8 +327,10 @@ def load(cfg, log=print) -> Data:
     raise ConfigError("data.val_sources", "no held-out sources to evaluate on: set "
                       "data.val_sources > 0 or data.holdout")
   identity["tokenizer_sha256"] = hashes.pop()
-  summary = " + ".join(f"{s.docs.name} ({s.keep.sum():,} docs" + (f", weight {w:g})" if len(specs) > 1 else ")")
+  summary = " + ".join(f"{s.docs.name} ({s.keep.sum():,} training docs"
+                       + (f", weight {w:g})" if len(specs) > 1 else ")")
                        for s, (_, w) in zip(streams, specs))
+  summary += f"; {len(np.unique(unseen.docs.source_ids[unseen.keep]))} sources held out"
   return Data(Batches(streams, [w for _, w in specs], cfg.train.batch_size), seen, unseen,
               streams[0].docs.vocab_size, identity, summary)
 
