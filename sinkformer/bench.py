@@ -3,6 +3,11 @@
 `checkpoint`: how long an async save blocks the loop, how long until it is on disk, its size,
 and the step time with and without a save in it (alternating, same process).
 
+`stream`: tokens/s of the data pipeline alone against what the train step consumes.
+
+`scale`: prepare a generated corpus of millions of one-document sources; peak memory,
+catalog lookup latency, time to the first batch.
+
 `sinks`: the NULL's train step against the dense control's (same shapes, same parameter
 count) in one process, alternating, so machine noise hits both alike; prints the median
 per-round ratio and a JSON line.
@@ -121,4 +126,98 @@ def checkpoints(cfg, rounds: int = 10) -> dict:
   return result
 
 
-BENCHES = {"sinks": sinks, "checkpoint": checkpoints}
+def stream(cfg, rounds: int = 30, steps_per_round: int = 4) -> dict:
+  """Tokens/s of the data pipeline alone (global batches to host, through Grain) against
+  what the train step consumes, alternating in one process."""
+  _, run, _ = _timed_step(cfg)
+  d = data_lib.load(cfg)
+  tokens = cfg.train.batch_size * cfg.data.seq_len
+  step = iter(range(10**9))
+
+  def produce() -> float:
+    first = next(step) * steps_per_round
+    t0 = time.perf_counter()
+    for _ in data_lib.iterate(d.train, first, first + steps_per_round, 0, cfg.train.batch_size,
+                              threads=cfg.data.workers):
+      pass
+    return (time.perf_counter() - t0) / steps_per_round
+
+  run(), produce()
+  times = {"stream": [], "train": []}
+  for _ in range(rounds):
+    times["stream"].append(produce())
+    times["train"].append(run(steps_per_round))
+  ratios = np.array(times["train"]) / np.array(times["stream"])
+  result = {"bench": "stream", "data": d.summary,
+            "stream_tokens_per_s": tokens / float(np.median(times["stream"])),
+            "train_tokens_per_s": tokens / float(np.median(times["train"])),
+            "ratio": float(np.median(ratios)), "ratio_p10": float(np.percentile(ratios, 10)),
+            "rounds": rounds, "workers": cfg.data.workers}
+  print(f"data: {d.summary}")
+  print(f"  stream {result['stream_tokens_per_s']:,.0f} tok/s vs train step "
+        f"{result['train_tokens_per_s']:,.0f} tok/s: stream/train {result['ratio']:.1f}x "
+        f"(p10 {result['ratio_p10']:.1f}x)")
+  print(json.dumps(result))
+  return result
+
+
+def scale(num_docs: int, directory: str, lookups: int = 20000) -> dict:
+  """Prepare a generated corpus of `num_docs` tiny documents (one source each), then time
+  catalog lookups and the stream's first batch on it. Peak RSS covers the whole process."""
+  import resource
+  from sinkformer import catalog as catalog_lib, prepare
+  os.makedirs(directory, exist_ok=True)
+  corpus, out = os.path.join(directory, "tiny.jsonl"), os.path.join(directory, "prepared")
+  rng = np.random.default_rng(0)
+  jobs = ["farmer", "poet", "sailor", "judge", "weaver", "miner", "clerk", "baker"]
+  places = ["Arlen", "Bray", "Corvo", "Dunmere", "Elst", "Fennick", "Gorse", "Holt"]
+  t0 = time.perf_counter()
+  if not os.path.exists(corpus):
+    with open(corpus + ".tmp", "w") as f:
+      for i in range(num_docs):
+        f.write(json.dumps({"key": f"p{i}", "title": f"Person {i}",
+                            "text": f"Person {i} was a {jobs[i % 8]} born in "
+                                    f"{places[rng.integers(8)]} in {1700 + i % 300}."}) + "\n")
+    os.replace(corpus + ".tmp", corpus)
+  generate_s = time.perf_counter() - t0
+  if os.path.exists(out):
+    import shutil
+    shutil.rmtree(out)
+  t0 = time.perf_counter()
+  m = prepare.prepare(corpus, out, vocab_size=1024, log=print)
+  prepare_s = time.perf_counter() - t0
+  peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+  cat = catalog_lib.Catalog(os.path.join(out, "catalog.sqlite"))
+  ids = rng.integers(1, num_docs + 1, lookups)
+  kinds = {"id": ids.tolist(), "key": [f"p{i - 1}" for i in ids],
+           "title": [f"  PERSON {i - 1} " for i in ids]}
+  latency = {}
+  for kind, refs in kinds.items():
+    times = []
+    for ref in refs:
+      t = time.perf_counter()
+      cat.get(ref)
+      times.append(time.perf_counter() - t)
+    latency[kind] = (float(np.percentile(times, 50)), float(np.percentile(times, 99)))
+  cat.close()
+  t0 = time.perf_counter()
+  docs = data_lib.open_prepared(out)
+  s = data_lib.DocStream(docs, None, 128, 16, seed=0)
+  s.rows(np.arange(16))
+  first_batch_s = time.perf_counter() - t0
+  result = {"bench": "scale", "documents": m["documents"], "tokens": m["tokens"],
+            "sources": m["sources"], "generate_s": generate_s, "prepare_s": prepare_s,
+            "peak_rss_bytes": peak_rss, "first_batch_s": first_batch_s,
+            **{f"lookup_{k}_p50_s": v[0] for k, v in latency.items()},
+            **{f"lookup_{k}_p99_s": v[1] for k, v in latency.items()}}
+  print(f"{m['documents']:,} documents, {m['tokens']:,} tokens, {m['sources']:,} sources: "
+        f"prepare {prepare_s:.0f}s, peak RSS {peak_rss / 2**30:.2f} GiB")
+  for k, (p50, p99) in latency.items():
+    print(f"  catalog lookup by {k}: p50 {1e6 * p50:.0f} us, p99 {1e6 * p99:.0f} us")
+  print(f"  stream: open + plan + first batch {first_batch_s:.1f}s")
+  print(json.dumps(result))
+  return result
+
+
+BENCHES = {"sinks": sinks, "checkpoint": checkpoints, "stream": stream}

@@ -44,6 +44,17 @@ def _bench(fv, name):
   bench.BENCHES[name](fv.config, rounds=fv.rounds)
 
 
+def _scale_flags(fv, argv):
+  flags.DEFINE_integer("docs", 6_000_000, "generated one-document sources", flag_values=fv)
+  flags.DEFINE_string("dir", None, "working directory (the generated corpus is reused)",
+                      flag_values=fv)
+
+
+def _scale(fv):
+  from sinkformer import bench
+  bench.scale(fv.docs, fv.dir)
+
+
 def _checkpoint_info_flags(fv, argv):
   flags.DEFINE_string("checkpoint", None, "a run's checkpoints/ directory (newest step) or "
                       "checkpoints/STEP", flag_values=fv)
@@ -143,6 +154,10 @@ COMMANDS = {
     "data info": ("what a prepared directory holds", _data_info_flags, _data_info, ("data",)),
     "bench sinks": ("time the NULL train step against the equal-size dense control",
                     _bench_flags, lambda fv: _bench(fv, "sinks"), ("config",)),
+    "bench stream": ("time the data pipeline alone against the train step",
+                     _bench_flags, lambda fv: _bench(fv, "stream"), ("config",)),
+    "bench scale": ("prepare a generated corpus of millions of sources; memory, catalog "
+                    "lookups, first batch", _scale_flags, _scale, ("dir",)),
     "bench checkpoint": ("time an async checkpoint save against the train step",
                          _bench_flags, lambda fv: _bench(fv, "checkpoint"), ("config",)),
 }

@@ -32,6 +32,10 @@ def test_help_lists_every_command():
     (("train", "--config", "experiments/quickstart.py", "--workdir", "x",
       "--config.mesh.data=2"), "config.mesh:"),
     (("frobnicate",), "unknown command"),
+    (("data", "fetch"), "name a corpus: wiki-vital"),
+    (("data", "fetch", "wiki-everything"), "unknown corpus 'wiki-everything'"),
+    (("data", "prepare", "--corpus", "missing.jsonl", "--out", "x"), "'missing.jsonl' not found"),
+    (("data", "info", "--data", "/nonexistent"), "not prepared data"),
     (("train", "--bogus=1"), "bogus"),
 ])
 def test_user_mistakes_are_one_line_errors(args, needle, tmp_path):
@@ -68,3 +72,35 @@ def test_bench_checkpoint_prints_its_figures():
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["bench"] == "checkpoint" and result["bytes"] > 4 * result["params"]
   assert result["save_total_s"] >= result["save_blocking_s"] > 0
+
+
+def test_data_prepare_info_and_train_on_it(tmp_path):
+  words = ["amber", "basil", "cedar", "delta", "ember", "fable", "grove", "haven", "ivory"]
+  rng = __import__("numpy").random.default_rng(0)
+  with open(tmp_path / "c.jsonl", "w") as f:
+    for i in range(40):
+      text = f"Item {i}. " + " ".join(rng.choice(words, 50))
+      f.write(json.dumps({"key": f"k{i}", "text": text, "group": f"shelf{i % 5}"}) + "\n")
+  out = cli("data", "prepare", "--corpus", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "p"),
+            "--vocab-size", "300", "--source-by", "group")   # dashed flag names work too
+  assert out.returncode == 0, out.stderr
+  assert "40 documents" in out.stdout and "5 sources (by group)" in out.stdout
+  info = cli("data", "info", "--data", str(tmp_path / "p"))
+  assert info.returncode == 0 and info.stdout.splitlines()[0] == out.stdout.splitlines()[-5]
+  run = cli("train", "--config", "experiments/quickstart.py:smoke", "--workdir", str(tmp_path / "r"),
+            f"--config.data.corpus={tmp_path / 'p'}", "--config.data.val_sources=1",
+            "--config.train.steps=3", "--config.train.eval_every=0")
+  assert run.returncode == 0, run.stderr
+  assert "data: p (" in run.stdout and "1 sources held out" in run.stdout
+
+
+def test_bench_stream_and_scale_print_their_figures(tmp_path):
+  out = cli("bench", "stream", "--config", "experiments/quickstart.py:smoke", "--rounds", "2")
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["bench"] == "stream" and result["stream_tokens_per_s"] > 0
+  out = cli("bench", "scale", "--docs", "3000", "--dir", str(tmp_path))
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["documents"] == result["sources"] == 3000
+  assert 0 < result["lookup_title_p99_s"] and result["peak_rss_bytes"] > 0
