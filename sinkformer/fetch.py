@@ -31,6 +31,7 @@ class Package:
   filename: str
   sha256: str
   pip_args: tuple[str, ...] = ()   # pins the exact wheel of a platform-specific package
+  url: str | None = None           # apt: the Debian pool file, for systems without apt-get
 
   @property
   def command(self) -> list[str]:
@@ -49,7 +50,9 @@ GENSIM = Package("pip", "gensim", "4.4.0", "gensim-4.4.0-cp311-cp311-manylinux_2
                  ("--only-binary=:all:", "--python-version=3.11", "--implementation=cp",
                   "--platform=manylinux_2_28_x86_64"))
 JANEAUSTENR = Package("apt", "r-cran-janeaustenr", "1.0.0-1", "r-cran-janeaustenr_1.0.0-1_all.deb",
-                      "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95")
+                      "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
+                      url="http://deb.debian.org/debian/pool/main/r/r-cran-janeaustenr/"
+                          "r-cran-janeaustenr_1.0.0-1_all.deb")
 
 
 def default_data_dir() -> str:
@@ -74,11 +77,7 @@ def obtain(package: Package, data_dir: str, given: str | None = None) -> str:
   os.makedirs(cache, exist_ok=True)
   path = given or os.path.join(cache, package.filename)
   if not os.path.exists(path):
-    try:
-      done = subprocess.run(package.command, cwd=cache, capture_output=True, text=True)
-      why = (done.stderr.strip().splitlines() or ["no file"])[-1]
-    except OSError as e:   # e.g. no apt-get on this system
-      why = str(e)
+    why = _download(package, cache, path)
     if not os.path.exists(path):
       raise UserError(
           f"could not download {package.name} {package.version} with '{' '.join(package.command)}' "
@@ -90,6 +89,26 @@ def obtain(package: Package, data_dir: str, given: str | None = None) -> str:
                     f"{package.name} {package.version}: delete it and fetch again, or pass the "
                     "genuine file with --from FILE")
   return path
+
+
+def _download(package: Package, cache: str, path: str) -> str:
+  """Run the package manager; an apt package also comes straight from the Debian pool when
+  apt-get is missing or has no package lists. Returns why it failed ('' if it did not)."""
+  try:
+    done = subprocess.run(package.command, cwd=cache, capture_output=True, text=True)
+    why = (done.stderr.strip().splitlines() or ["no file"])[-1] if done.returncode else ""
+  except OSError as e:   # no apt-get on this system
+    why = str(e)
+  if not os.path.exists(path) and package.url:
+    import urllib.request
+    print(f"{' '.join(package.command)}: {why}; downloading {package.url}", file=sys.stderr)
+    try:
+      with urllib.request.urlopen(package.url, timeout=60) as r, open(path + ".tmp", "wb") as f:
+        f.write(r.read())
+      os.replace(path + ".tmp", path)
+    except OSError as e:
+      why += f"; {package.url}: {e}"
+  return why
 
 
 def _deb_member(deb: str, suffix: str) -> bytes:
