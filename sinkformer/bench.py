@@ -3,6 +3,8 @@
 `checkpoint`: how long an async save blocks the loop, how long until it is on disk, its size,
 and the step time with and without a save in it (alternating, same process).
 
+`devices`: the same train step on one device and on all devices (e.g. 8 simulated CPUs).
+
 `stream`: tokens/s of the data pipeline alone against what the train step consumes.
 
 `scale`: prepare a generated corpus of millions of one-document sources; peak memory,
@@ -26,16 +28,16 @@ import numpy as np
 from sinkformer import checkpoint, data as data_lib, flops, model, train
 
 
-def _compiled(cfg):
+def _compiled(cfg, devices=None):
   """(setup, fresh state, first batch, compiled train step) for a config."""
-  setup = train.build(cfg)
+  setup = train.build(cfg, devices)
   state = train.init_state(setup, cfg.seed)
   batch = train.put_batch(setup, data_lib.load(cfg).train.batch(0))
   return setup, state, batch, train.compile_train_step(setup, state, batch)
 
 
-def _timed_step(cfg):
-  setup, state, batch, step = _compiled(cfg)
+def _timed_step(cfg, devices=None):
+  setup, state, batch, step = _compiled(cfg, devices)
   holder = {"state": state, "params": model.count_params(state["params"])}
 
   def run(steps: int = 1) -> float:
@@ -49,6 +51,39 @@ def _timed_step(cfg):
   return setup, run, holder["params"]
 
 
+def _alternate(runs: dict, rounds: int, steps_per_round: int, warmup: int) -> dict:
+  """Per-round seconds/step of each variant, alternating the order every round."""
+  for run in runs.values():
+    for _ in range(warmup):
+      run()
+  times = {k: [] for k in runs}
+  for r in range(rounds):
+    for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+      times[name].append(runs[name](steps_per_round))
+  return times
+
+
+def devices(cfg, rounds: int = 20, steps_per_round: int = 3, warmup: int = 2) -> dict:
+  """The same train step on one device and on every device (mesh from the config)."""
+  everything = jax.devices()
+  c1 = cfg.copy_and_resolve_references()
+  c1.mesh.update(data=1, fsdp=1, tensor=1)
+  runs = {"1": _timed_step(c1, everything[:1])[1],
+          str(len(everything)): _timed_step(cfg, everything)[1]}
+  times = _alternate(runs, rounds, steps_per_round, warmup)
+  one, many = (float(np.median(times[k])) for k in runs)
+  ratios = np.array(times[str(len(everything))]) / np.array(times["1"])
+  result = {"bench": "devices", "devices": len(everything), "mesh": dict(cfg.mesh),
+            "step_s_1": one, f"step_s_{len(everything)}": many,
+            "ratio": float(np.median(ratios)), "ratio_p10": float(np.percentile(ratios, 10)),
+            "ratio_p90": float(np.percentile(ratios, 90)), "rounds": rounds}
+  print(f"train step on 1 device {1e3 * one:.1f} ms, on {len(everything)} devices "
+        f"{1e3 * many:.1f} ms: ratio {result['ratio']:.2f} (p10 {result['ratio_p10']:.2f}, "
+        f"p90 {result['ratio_p90']:.2f})")
+  print(json.dumps(result))
+  return result
+
+
 def sinks(cfg, rounds: int = 30, steps_per_round: int = 3, warmup: int = 3) -> dict:
   variants = {}
   for kind in ("null", "dense"):
@@ -56,13 +91,7 @@ def sinks(cfg, rounds: int = 30, steps_per_round: int = 3, warmup: int = 3) -> d
     c.model.kind = kind
     variants[kind] = _timed_step(c)
   setup = variants["null"][0]
-  for _, run, _ in variants.values():
-    for _ in range(warmup):
-      run()
-  times = {k: [] for k in variants}
-  for r in range(rounds):
-    for kind in (("null", "dense") if r % 2 == 0 else ("dense", "null")):
-      times[kind].append(variants[kind][1](steps_per_round))
+  times = _alternate({k: v[1] for k, v in variants.items()}, rounds, steps_per_round, warmup)
   ratios = np.array(times["null"]) / np.array(times["dense"])
   tokens = cfg.train.batch_size * cfg.data.seq_len
   flops_token = flops.flops_per_token(setup.dims, cfg.data.seq_len)
@@ -220,4 +249,4 @@ def scale(num_docs: int, directory: str, lookups: int = 20000) -> dict:
   return result
 
 
-BENCHES = {"sinks": sinks, "checkpoint": checkpoints, "stream": stream}
+BENCHES = {"sinks": sinks, "checkpoint": checkpoints, "stream": stream, "devices": devices}

@@ -154,6 +154,9 @@ COMMANDS = {
     "data info": ("what a prepared directory holds", _data_info_flags, _data_info, ("data",)),
     "bench sinks": ("time the NULL train step against the equal-size dense control",
                     _bench_flags, lambda fv: _bench(fv, "sinks"), ("config",)),
+    "bench devices": ("time the train step on one device against all devices (set "
+                      "JAX_NUM_CPU_DEVICES=8 to simulate 8 on a CPU)", _bench_flags,
+                      lambda fv: _bench(fv, "devices"), ("config",)),
     "bench stream": ("time the data pipeline alone against the train step",
                      _bench_flags, lambda fv: _bench(fv, "stream"), ("config",)),
     "bench scale": ("prepare a generated corpus of millions of sources; memory, catalog "

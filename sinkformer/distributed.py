@@ -27,9 +27,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     num_processes = int(os.environ[ENV[1]])
   if process_id is None and ENV[2] in os.environ:
     process_id = int(os.environ[ENV[2]])
-  if coordinator:
+  if coordinator or _cluster_detected():
     # CPU devices need a collectives transport across processes; GPUs/TPUs ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator:
     jax.distributed.initialize(coordinator, num_processes, process_id)
   elif _cluster_detected():
     jax.distributed.initialize()

@@ -1,9 +1,11 @@
 """The `sinkformer` command as a user meets it: help, one-line errors, a real run, the bench."""
 
 import json
+import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -76,7 +78,7 @@ def test_bench_checkpoint_prints_its_figures():
 
 def test_data_prepare_info_and_train_on_it(tmp_path):
   words = ["amber", "basil", "cedar", "delta", "ember", "fable", "grove", "haven", "ivory"]
-  rng = __import__("numpy").random.default_rng(0)
+  rng = np.random.default_rng(0)
   with open(tmp_path / "c.jsonl", "w") as f:
     for i in range(40):
       text = f"Item {i}. " + " ".join(rng.choice(words, 50))
@@ -104,3 +106,13 @@ def test_bench_stream_and_scale_print_their_figures(tmp_path):
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["documents"] == result["sources"] == 3000
   assert 0 < result["lookup_title_p99_s"] and result["peak_rss_bytes"] > 0
+
+
+def test_bench_devices_compares_one_device_with_eight():
+  env_cli = subprocess.run(
+      [sys.executable, "-m", "sinkformer", "bench", "devices", "--config",
+       "experiments/quickstart.py:smoke", "--rounds", "2"], capture_output=True, text=True,
+      timeout=600, env={**os.environ, "JAX_NUM_CPU_DEVICES": "8"})
+  assert env_cli.returncode == 0, env_cli.stderr
+  result = json.loads(env_cli.stdout.strip().splitlines()[-1])
+  assert result["devices"] == 8 and result["step_s_1"] > 0 and result["step_s_8"] > 0
