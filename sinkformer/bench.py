@@ -190,7 +190,7 @@ def stream(cfg, rounds: int = 30, steps_per_round: int = 4) -> dict:
   return result
 
 
-def scale(num_docs: int, directory: str, lookups: int = 20000) -> dict:
+def scale(num_docs: int, directory: str, lookups: int = 20000, group_size: int = 1) -> dict:
   """Prepare a generated corpus of `num_docs` tiny documents (one source each), then time
   catalog lookups and the stream's first batch on it. Peak RSS covers the whole process."""
   import resource
@@ -213,7 +213,7 @@ def scale(num_docs: int, directory: str, lookups: int = 20000) -> dict:
     import shutil
     shutil.rmtree(out)
   t0 = time.perf_counter()
-  m = prepare.prepare(corpus, out, vocab_size=1024, log=print)
+  m = prepare.prepare(corpus, out, vocab_size=1024, group_size=group_size, log=print)
   prepare_s = time.perf_counter() - t0
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -235,16 +235,22 @@ def scale(num_docs: int, directory: str, lookups: int = 20000) -> dict:
   s = data_lib.DocStream(docs, None, 128, 16, seed=0)
   s.rows(np.arange(16))
   first_batch_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for b in range(1, 21):   # 16 rows of 128 tokens, as the quickstart trains
+    s.rows(16 * b + np.arange(16))
+  stream_tokens_per_s = 20 * 16 * 128 / (time.perf_counter() - t0)
   result = {"bench": "scale", "documents": m["documents"], "tokens": m["tokens"],
             "sources": m["sources"], "generate_s": generate_s, "prepare_s": prepare_s,
             "peak_rss_bytes": peak_rss, "first_batch_s": first_batch_s,
+            "stream_tokens_per_s": stream_tokens_per_s, "group_size": group_size,
             **{f"lookup_{k}_p50_s": v[0] for k, v in latency.items()},
             **{f"lookup_{k}_p99_s": v[1] for k, v in latency.items()}}
   print(f"{m['documents']:,} documents, {m['tokens']:,} tokens, {m['sources']:,} sources: "
         f"prepare {prepare_s:.0f}s, peak RSS {peak_rss / 2**30:.2f} GiB")
   for k, (p50, p99) in latency.items():
     print(f"  catalog lookup by {k}: p50 {1e6 * p50:.0f} us, p99 {1e6 * p99:.0f} us")
-  print(f"  stream: open + plan + first batch {first_batch_s:.1f}s")
+  print(f"  stream: open + plan + first batch {first_batch_s:.1f}s, then "
+        f"{stream_tokens_per_s:,.0f} tokens/s (one thread, group_size {group_size})")
   print(json.dumps(result))
   return result
 

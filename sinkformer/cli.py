@@ -48,11 +48,13 @@ def _scale_flags(fv, argv):
   flags.DEFINE_integer("docs", 6_000_000, "generated one-document sources", flag_values=fv)
   flags.DEFINE_string("dir", None, "working directory (the generated corpus is reused)",
                       flag_values=fv)
+  flags.DEFINE_integer("group_size", 1, "ArrayRecord group size of the prepared shards",
+                       flag_values=fv)
 
 
 def _scale(fv):
   from sinkformer import bench
-  bench.scale(fv.docs, fv.dir)
+  bench.scale(fv.docs, fv.dir, group_size=fv.group_size)
 
 
 def _checkpoint_info_flags(fv, argv):
@@ -99,6 +101,8 @@ def _prepare_flags(fv, argv):
   flags.DEFINE_boolean("tfds", False, "also write a TFDS array_record copy", flag_values=fv)
   flags.DEFINE_string("tfds_dir", None, "TFDS data_dir for --corpus tfds:NAME", flag_values=fv)
   flags.DEFINE_integer("shard_docs", 1_000_000, "documents per ArrayRecord shard", flag_values=fv)
+  flags.DEFINE_integer("group_size", 1, "ArrayRecord records per chunk (1: pure random "
+                       "access; larger reads millions of tiny documents faster)", flag_values=fv)
   flags.DEFINE_string("data_dir", None, "cache of fetched corpora", flag_values=fv)
 
 
@@ -106,7 +110,7 @@ def _prepare(fv):
   from sinkformer import prepare
   m = prepare.prepare(fv.corpus, fv.out, vocab_size=fv.vocab_size, tokenizer=fv.tokenizer,
                       source_by=fv.source_by, skip_bad=fv.skip_bad, shard_docs=fv.shard_docs,
-                      tfds=fv.tfds, data_dir=fv.data_dir, tfds_dir=fv.tfds_dir)
+                      group_size=fv.group_size, tfds=fv.tfds, data_dir=fv.data_dir, tfds_dir=fv.tfds_dir)
   _print_manifest(fv.out, m)
 
 

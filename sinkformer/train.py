@@ -271,7 +271,8 @@ def train(cfg, workdir: str, devices=None):
   stop = []
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
   history, pending, data_time = [], [], 0.0
-  meta = {"config": json.loads(cfg.to_json()), "data": data.identity}
+  meta = {"config": json.loads(cfg.to_json()), "data": data.identity,
+          "layout": {"mesh": dict(setup.mesh.shape), "processes": jax.process_count()}}
   tokens_per_step = t.batch_size * d.seq_len
   batches = data_lib.iterate(data.train, first, t.steps, *rows, threads=d.workers)
   start = last = time.perf_counter()

@@ -240,3 +240,46 @@ def test_fetch_offline_and_bad_checksum_say_what_to_do(tmp_path):
     fetch.fetch("wiki-vital", str(tmp_path), given=str(fake))
   with pytest.raises(UserError, match="unknown corpus"):
     fetch.fetch("wiki-everything", str(tmp_path))
+
+
+def test_a_tfds_text_dataset_is_a_corpus(tmp_path, smoke_cfg):
+  """What a user with tfds wikipedia/20231101.en prepared has: title/text/id, array_record."""
+  import tensorflow_datasets as tfds
+  rng = np.random.default_rng(0)
+
+  class TinyWiki(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"id": tfds.features.Text(), "title": tfds.features.Text(),
+           "text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(30):
+        yield i, {"id": str(1000 + i), "title": f"Entity {i}", "text": article(i, rng)}
+
+  TinyWiki(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+  smoke_cfg.data.update(corpus="tfds:tiny_wiki:train", tfds_dir=str(tmp_path / "tfds"),
+                        dir=str(tmp_path / "data"), val_sources=4)
+  smoke_cfg.model.vocab_size = 320
+  d = data.load(smoke_cfg, log=lambda _: 0)   # prepared once into data.dir/prepared
+  out = data.prepared_dir("tfds:tiny_wiki:train", smoke_cfg)
+  cat = catalog_lib.Catalog(f"{out}/catalog.sqlite")
+  assert len(cat) == 30 and cat.get("1007")["title"] == "Entity 7"
+  assert d.identity["tokenizer_sha256"] == tokenizer.load(f"{out}/tokenizer.model").sha256
+
+
+def test_grouped_shards_read_back_the_same(prepared, tmp_path):
+  out, m = prepared
+  corpus = write_jsonl(tmp_path / "c.jsonl")   # the fixture's corpus again
+  grouped = prepare.prepare(corpus, str(tmp_path / "g"), tokenizer=str(out / "tokenizer.model"),
+                            group_size=8, shard_docs=25, log=lambda _: 0)
+  assert grouped["group_size"] == 8 and len(grouped["shards"]) == 3
+  a, b = data.open_prepared(str(out)), data.open_prepared(str(tmp_path / "g"))
+  picks = [59, 3, 26, 3, 50]   # across shards, out of order, repeated
+  for x, y in zip(a.read(picks), b.read(picks), strict=True):
+    np.testing.assert_array_equal(x, y)
