@@ -51,6 +51,12 @@ def _timed_step(cfg, devices=None):
   return setup, run, holder["params"]
 
 
+def _spread(ratios) -> dict:
+  """Median and p10/p90 of per-round ratios (the noise a single number would hide)."""
+  return {"ratio": float(np.median(ratios)), "ratio_p10": float(np.percentile(ratios, 10)),
+          "ratio_p90": float(np.percentile(ratios, 90))}
+
+
 def _alternate(runs: dict, rounds: int, steps_per_round: int, warmup: int) -> dict:
   """Per-round seconds/step of each variant, alternating the order every round."""
   for run in runs.values():
@@ -74,9 +80,8 @@ def devices(cfg, rounds: int = 20, steps_per_round: int = 3, warmup: int = 2) ->
   one, many = (float(np.median(times[k])) for k in runs)
   ratios = np.array(times[str(len(everything))]) / np.array(times["1"])
   result = {"bench": "devices", "devices": len(everything), "mesh": dict(cfg.mesh),
-            "step_s_1": one, f"step_s_{len(everything)}": many,
-            "ratio": float(np.median(ratios)), "ratio_p10": float(np.percentile(ratios, 10)),
-            "ratio_p90": float(np.percentile(ratios, 90)), "rounds": rounds}
+            "step_s_1": one, f"step_s_{len(everything)}": many, **_spread(ratios),
+            "rounds": rounds}
   print(f"train step on 1 device {1e3 * one:.1f} ms, on {len(everything)} devices "
         f"{1e3 * many:.1f} ms: ratio {result['ratio']:.2f} (p10 {result['ratio_p10']:.2f}, "
         f"p90 {result['ratio_p90']:.2f})")
@@ -96,9 +101,7 @@ def sinks(cfg, rounds: int = 30, steps_per_round: int = 3, warmup: int = 3) -> d
   tokens = cfg.train.batch_size * cfg.data.seq_len
   flops_token = flops.flops_per_token(setup.dims, cfg.data.seq_len)
   peak, peak_src = flops.device_peak(cfg.model.dtype)
-  result = {"bench": "sinks", "ratio": float(np.median(ratios)),
-            "ratio_p10": float(np.percentile(ratios, 10)),
-            "ratio_p90": float(np.percentile(ratios, 90)), "rounds": rounds,
+  result = {"bench": "sinks", **_spread(ratios), "rounds": rounds,
             "steps_per_round": steps_per_round,
             "params": {k: v[2] for k, v in variants.items()},
             "peak_flops": peak, "peak_source": peak_src, "devices": setup.mesh.size}
@@ -180,8 +183,7 @@ def stream(cfg, rounds: int = 30, steps_per_round: int = 4) -> dict:
   result = {"bench": "stream", "data": d.summary,
             "stream_tokens_per_s": tokens / float(np.median(times["stream"])),
             "train_tokens_per_s": tokens / float(np.median(times["train"])),
-            "ratio": float(np.median(ratios)), "ratio_p10": float(np.percentile(ratios, 10)),
-            "rounds": rounds, "workers": cfg.data.workers}
+            **_spread(ratios), "rounds": rounds, "workers": cfg.data.workers}
   print(f"data: {d.summary}")
   print(f"  stream {result['stream_tokens_per_s']:,.0f} tok/s vs train step "
         f"{result['train_tokens_per_s']:,.0f} tok/s: stream/train {result['ratio']:.1f}x "

@@ -25,6 +25,7 @@ import grain
 import numpy as np
 
 from sinkformer import catalog as catalog_lib, fetch, prepare as prepare_lib, synthetic
+from sinkformer import tokenizer as tok_lib
 from sinkformer.errors import ConfigError, UserError
 
 FIELDS = ("tokens", "targets", "loss_mask", "source_ids", "segment_ids", "positions")
@@ -243,11 +244,13 @@ def _builtin(cfg) -> Data:
   val = synthetic.generate(d.val_sources, d.facts_per_source, d.seed + 1,
                            first_id=d.num_sources + 1)
   train_set = in_memory("builtin", train.docs, train.sources, need)
-  refs = parse_refs(d.holdout) + parse_refs(d.exclude)
-  bad = [r for r in refs if not (r.isdigit() and 1 <= int(r) <= d.num_sources)]
-  if bad:
-    raise ConfigError("data.exclude", f"unknown built-in source(s) {bad[:5]}: built-in sources "
-                      f"are ids 1..{d.num_sources}")
+  refs = []   # the built-in corpus evaluates "unseen" on its generated validation sources,
+  for field in ("holdout", "exclude"):   # so holdout and exclude both just leave training
+    refs += parse_refs(d[field])
+    bad = [r for r in refs if not (r.isdigit() and 1 <= int(r) <= d.num_sources)]
+    if bad:
+      raise ConfigError(f"data.{field}", f"unknown built-in source(s) {bad[:5]}: built-in "
+                        f"sources are ids 1..{d.num_sources}")
   keep = ~np.isin(train_set.source_ids, np.asarray([int(r) for r in refs], np.int32))
   seen = DocStream(train_set, keep, d.seq_len, d.max_docs_per_row, cfg.seed)
   unseen = DocStream(in_memory("builtin-val", val.docs, val.sources, need), None, d.seq_len,
@@ -256,24 +259,25 @@ def _builtin(cfg) -> Data:
               {"corpus": "builtin"}, f"built-in corpus, {d.num_sources} sources")
 
 
-def prepared_dir(spec: str, cfg) -> str:
-  """Where the trainer keeps its own preparation of a raw corpus spec."""
+def prepared_dir(spec: str, cfg, tokenizer: str | None = None) -> str:
+  """Where the trainer keeps its own preparation of a raw corpus spec (with its own
+  model.vocab_size tokenizer, or with `tokenizer`, another corpus' in a mixture)."""
   d = cfg.data
   name = "".join(c if c.isalnum() or c in "-._" else "_" for c in spec.strip("/"))
-  return os.path.join(d.dir or fetch.default_data_dir(), "prepared",
-                      f"{name}-{d.source_by}-bpe{cfg.model.vocab_size}")
+  tok = f"tok{tok_lib.load(tokenizer).sha256[:12]}" if tokenizer else f"bpe{cfg.model.vocab_size}"
+  return os.path.join(d.dir or fetch.default_data_dir(), "prepared", f"{name}-{d.source_by}-{tok}")
 
 
-def _ensure_prepared(spec: str, cfg, log) -> str:
+def _ensure_prepared(spec: str, cfg, log, tokenizer: str | None = None) -> str:
   """A prepared directory for `spec`, preparing a raw corpus the first time it is used."""
   if os.path.exists(os.path.join(spec, "manifest.json")):
     return spec
-  out = prepared_dir(spec, cfg)
+  out = prepared_dir(spec, cfg, tokenizer)
   if not os.path.exists(os.path.join(out, "manifest.json")):
     import jax
     if jax.process_index() == 0:
       log(f"data: preparing {spec} into {out} (once)")
-      prepare_lib.prepare(spec, out, vocab_size=cfg.model.vocab_size,
+      prepare_lib.prepare(spec, out, vocab_size=cfg.model.vocab_size, tokenizer=tokenizer,
                           source_by=cfg.data.source_by, data_dir=cfg.data.dir or None,
                           tfds_dir=cfg.data.tfds_dir or None, log=log)
     if jax.process_count() > 1:
@@ -309,7 +313,9 @@ def load(cfg, log=print) -> Data:
 
   streams, identity, offset, hashes = [], {"corpora": []}, 0, set()
   for i, (spec, weight) in enumerate(specs):
-    docs = open_prepared(_ensure_prepared(spec, cfg, log), d.reader, offset)
+    # later raw corpora of a mixture are tokenized with the first corpus' tokenizer
+    shared = os.path.join(streams[0].docs.path, "tokenizer.model") if streams else None
+    docs = open_prepared(_ensure_prepared(spec, cfg, log, shared), d.reader, offset)
     m = docs.manifest
     hashes.add(m["tokenizer"]["sha256"])
     if d.tokenizer_hash and m["tokenizer"]["sha256"] != d.tokenizer_hash:

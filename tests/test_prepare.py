@@ -3,6 +3,7 @@
 import bz2
 import gzip
 import json
+import os
 import struct
 import zlib
 
@@ -283,3 +284,17 @@ def test_grouped_shards_read_back_the_same(prepared, tmp_path):
   picks = [59, 3, 26, 3, 50]   # across shards, out of order, repeated
   for x, y in zip(a.read(picks), b.read(picks), strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+def test_a_mixture_of_raw_corpora_shares_the_first_tokenizer(tmp_path, smoke_cfg):
+  a = write_jsonl(tmp_path / "a.jsonl", n=40, seed=0)
+  b = write_jsonl(tmp_path / "b.jsonl", n=20, seed=1)
+  smoke_cfg.data.update(corpus=f"{a}@3,{b}@1", dir=str(tmp_path / "data"), val_sources=4)
+  smoke_cfg.model.vocab_size = 300
+  d = data.load(smoke_cfg, log=lambda _: 0)
+  assert d.train.quota.tolist() == [6, 2]
+  first, second = d.identity["corpora"]
+  assert (first["id_offset"], second["id_offset"]) == (0, 40)
+  ids = np.concatenate([d.train.batch(s)["source_ids"] for s in range(4)])
+  assert ids.max() > 40 and ids[ids > 0].min() >= 1   # the second corpus' ids come after
+  assert "tok" in os.path.basename(second["path"])       # tokenized with the first's model
