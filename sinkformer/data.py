@@ -93,23 +93,26 @@ class DocStream:
       raise UserError(f"{docs.name}: no documents left after holding out/excluding sources")
     self._plans: dict[int, tuple] = {}
     self._rows_per_epoch: list[int] = []
-    self._lock = threading.Lock()
+    self._lock = threading.RLock()
 
   def _plan(self, epoch: int):
-    """(window doc, offset, length, row starts) of epoch `epoch`; the last two are cached."""
+    """(window doc, offset, length, row starts) of epoch `epoch`. The last few are cached:
+    a batch may straddle two epochs, and evaluation rereads epoch 0 mid-run."""
     with self._lock:
       if epoch not in self._plans:
         order = np.random.default_rng((self.seed, epoch)).permutation(len(self.keep))
         order = order[self.keep[order]]
-        self._plans = {e: p for e, p in self._plans.items() if e == epoch - 1}
+        if len(self._plans) == 4:
+          del self._plans[next(iter(self._plans))]   # the least recently added
         self._plans[epoch] = _pack_plan(order, self.docs.lengths[order], self.seq_len,
                                         self.max_docs)
       return self._plans[epoch]
 
   def epoch_rows(self, epoch: int) -> int:
-    while len(self._rows_per_epoch) <= epoch:
-      self._rows_per_epoch.append(len(self._plan(len(self._rows_per_epoch))[3]) - 1)
-    return self._rows_per_epoch[epoch]
+    with self._lock:   # reader threads share this stream
+      while len(self._rows_per_epoch) <= epoch:
+        self._rows_per_epoch.append(len(self._plan(len(self._rows_per_epoch))[3]) - 1)
+      return self._rows_per_epoch[epoch]
 
   def _locate(self, row: int) -> tuple[int, int]:
     """Global row index -> (epoch, row within the epoch)."""
