@@ -1,6 +1,7 @@
 """The paper's 1B Wikipedia NULL (method.md section 1, reference geometry).
 
-  sinkformer train --config experiments/wiki_1b.py:h100x8 --workdir gs://.../wiki_1b
+  sinkformer train --config experiments/wiki_1b.py:h100x8 --workdir /shared/runs/wiki_1b
+  sbatch --nodes=1 launch/slurm.sbatch experiments/wiki_1b.py:h100x8 /shared/runs/wiki_1b
 
 32 layers, d_model 960, 15 query / 5 KV heads of 128, I = 8192 = G 500 + P 7692, ~100 sinks
 per source (k/P = 1.3%), vocab 49152, context 1024, untied embeddings, rope base 1e5, bf16
