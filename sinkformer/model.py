@@ -13,6 +13,7 @@ device axes.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,17 +77,30 @@ class Attention(nnx.Module):
     self.v = _linear(m.d_model, m.num_kv_heads * m.head_dim, ("embed", "kv_heads"), m, rngs)
     self.o = _linear(m.num_heads * m.head_dim, m.d_model, ("heads", "embed"), m, rngs, out_std)
 
-  def __call__(self, x, positions, segment_ids, heads_on=None):
+  def __call__(self, x, positions, segment_ids, heads_on=None, cache=None):
+    """cache: None (packed rows), or (k[B, S, Hkv, hd], v, Cache) for decoding: the new
+    tokens' keys/values are written at cache.index and queries attend to every valid slot
+    up to their own. Returns the output, and the updated (k, v) when decoding."""
     m, (b, t, _) = self.m, x.shape
     q = rope(self.q(x).reshape(b, t, m.num_heads, m.head_dim), positions, m.rope_base)
     k = rope(self.k(x).reshape(b, t, m.num_kv_heads, m.head_dim), positions, m.rope_base)
     v = self.v(x).reshape(b, t, m.num_kv_heads, m.head_dim)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]   # padding attends padding
-    out = jax.nn.dot_product_attention(q, k, v, mask=(causal & same_doc)[:, None])
+    if cache is None:
+      causal = jnp.tril(jnp.ones((t, t), bool))
+      mask = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])   # pad sees pad
+    else:
+      k_all, v_all, c = cache
+      k = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, c.index, 0, 0))
+      v = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (0, c.index, 0, 0))
+      query = c.index + jnp.arange(t)[:, None]
+      key = jnp.arange(k.shape[1])[None, :]
+      # a padding query sees itself only (its output is never used; no empty softmax)
+      mask = (c.valid[:, None, :] & (key <= query)) | (key == query)
+    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None])
     if heads_on is not None:
       out = jnp.where(heads_on[..., None], out, 0)
-    return self.o(out.reshape(b, t, m.num_heads * m.head_dim))
+    out = self.o(out.reshape(b, t, m.num_heads * m.head_dim))
+    return out if cache is None else (out, (k, v))
 
 
 class MLP(nnx.Module):
@@ -112,9 +126,12 @@ class Block(nnx.Module):
     self.attn_norm, self.attn = _norm(m, rngs), Attention(m, rngs)
     self.mlp_norm, self.mlp = _norm(m, rngs), MLP(m, rngs)
 
-  def __call__(self, x, positions, segment_ids, units_on, heads_on, scale):
-    x = x + self.attn(self.attn_norm(x), positions, segment_ids, heads_on)
-    return x + self.mlp(self.mlp_norm(x), units_on, scale)
+  def __call__(self, x, positions, segment_ids, units_on, heads_on, scale, cache=None):
+    attn = self.attn(self.attn_norm(x), positions, segment_ids, heads_on, cache)
+    attn, kv = attn if cache is not None else (attn, None)
+    x = x + attn
+    x = x + self.mlp(self.mlp_norm(x), units_on, scale)
+    return x if cache is None else (x, kv)
 
 
 class Transformer(nnx.Module):
@@ -130,7 +147,18 @@ class Transformer(nnx.Module):
     if not m.tie_embeddings:
       self.lm_head = _linear(m.d_model, m.vocab_size, ("embed", "vocab"), m, rngs)
 
-  def __call__(self, tokens, positions, segment_ids, gate: sinks.Gate | None = None):
+  def __call__(self, tokens, positions, segment_ids, gate: sinks.Gate | None = None,
+               cache: Cache | None = None):
+    """Logits [B, T, V]; with a cache (decoding), (logits, updated cache)."""
+    x = self.features(tokens, positions, segment_ids, gate, cache)
+    x, cache = x if cache is not None else (x, None)
+    logits = self.embed.attend(x) if self.m.tie_embeddings else self.lm_head(x)
+    logits = logits.astype(jnp.float32)
+    return logits if cache is None else (logits, cache)
+
+  def features(self, tokens, positions, segment_ids, gate=None, cache=None):
+    """The final-normed hidden states [B, T, d] (what the LM head reads; the router's
+    embeddings)."""
     m = self.m
     x = self.embed(tokens)
     # One unit mask per distinct mask layer (one in all, unless masks are per-layer).
@@ -140,18 +168,46 @@ class Transformer(nnx.Module):
       layers = range(gate.mlp.shape[0])
       units = [sinks.mlp_units(gate, l, m.mlp_backbone) for l in layers]
       heads = [sinks.head_units(gate, l, m.num_heads) for l in layers]
+    written = []
     for layer, block in enumerate(self.blocks):
       i = layer % len(units)
-      x = block(x, positions, segment_ids, units[i], heads[i], scale)
+      kv = None if cache is None else (cache.k[layer], cache.v[layer], cache)
+      x = block(x, positions, segment_ids, units[i], heads[i], scale, kv)
+      if cache is not None:
+        x, kv = x
+        written.append(kv)
     x = self.final_norm(x)
-    logits = self.embed.attend(x) if m.tie_embeddings else self.lm_head(x)
-    return logits.astype(jnp.float32)
+    if cache is None:
+      return x
+    k, v = (jnp.stack(parts) for parts in zip(*written))
+    return x, Cache(k, v, cache.valid, cache.index + tokens.shape[1])
 
 
-def apply(graphdef, params, batch, gate=None):
+class Cache(NamedTuple):
+  """Decoding state: keys/values of every layer, which slots hold real tokens, and where the
+  next tokens go. `valid` must already mark the slots being written."""
+  k: jax.Array       # [L, B, S, Hkv, hd]
+  v: jax.Array
+  valid: jax.Array   # bool[B, S]
+  index: jax.Array   # int32 scalar
+
+
+def empty_cache(m: Dims, batch: int, length: int) -> Cache:
+  shape = (m.num_layers, batch, length, m.num_kv_heads, m.head_dim)
+  zeros = jnp.zeros(shape, DTYPES[m.dtype])
+  return Cache(zeros, zeros, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+
+
+def apply(graphdef, params, batch, gate=None, cache=None):
   """Pure forward pass over split state: the form every jitted function uses."""
   model = nnx.merge(graphdef, params)
-  return model(batch["tokens"], batch["positions"], batch["segment_ids"], gate)
+  return model(batch["tokens"], batch["positions"], batch["segment_ids"], gate, cache)
+
+
+def features(graphdef, params, batch, gate=None):
+  """Final hidden states [B, T, d] of packed rows (see Transformer.features)."""
+  model = nnx.merge(graphdef, params)
+  return model.features(batch["tokens"], batch["positions"], batch["segment_ids"], gate)
 
 
 def abstract(m):

@@ -13,6 +13,8 @@ import dataclasses
 
 import numpy as np
 
+from sinkformer.errors import UserError
+
 PAD, BOS, EOS, PERIOD, LIVES_IN, RIVER = range(6)
 NAMES, CITIES, VALUES = 48, 16, 96   # pool sizes
 
@@ -49,3 +51,43 @@ def generate(num_sources: int, facts_per_source: int, seed: int, first_id: int =
     docs.append(np.asarray(doc + [EOS], np.int32))
   sources = np.arange(first_id, first_id + num_sources, dtype=np.int32)
   return Corpus(docs, sources, vocab_size(facts_per_source))
+
+
+_C, _V = "bdfgklmnprst", "aeio"
+
+
+def words(facts_per_source: int) -> list[str]:
+  """The word of every token id, so the corpus can be read and prompted as text."""
+  first = [f"{c.upper()}{v}lo" for c in _C for v in _V]            # 48 first names
+  last = [f"{c.upper()}{v}rsk" for c in _C for v in _V]             # 48 surnames
+  cities = [f"{c.upper()}{v}ville" for c in _C[:4] for v in _V]     # 16 cities
+  rivers = [f"{c.upper()}{v}nne" for c in _C[:4] for v in _V]       # 16 rivers
+  out = ["<pad>", "<s>", "</s>", ".", "lives_in", "river", *first, *last, *cities, *rivers,
+         *(f"trait{r}" for r in range(facts_per_source)), *(f"val{n}" for n in range(VALUES))]
+  assert len(out) == vocab_size(facts_per_source)
+  return out
+
+
+class Words:
+  """The built-in corpus' tokenizer: one word per token (whitespace-separated)."""
+
+  def __init__(self, facts_per_source: int):
+    self.words = words(facts_per_source)
+    self.ids = {w: i for i, w in enumerate(self.words)}
+    self.vocab_size = len(self.words)
+    self.bos, self.eos = BOS, EOS
+
+  def encode(self, text: str) -> list[int]:
+    unknown = [w for w in text.split() if w not in self.ids]
+    if unknown:
+      raise UserError(f"the built-in corpus has no word(s) {unknown[:5]}; it reads names "
+                      "like 'Balo Barsk', 'lives_in', cities, 'river', 'trait0', 'val7' and '.'")
+    return [self.ids[w] for w in text.split()]
+
+  def decode(self, ids) -> str:
+    return " ".join(self.words[i] for i in ids if i > EOS)
+
+
+def title(doc: np.ndarray, words_: list[str]) -> str:
+  """A built-in article's title: its person's name."""
+  return f"{words_[doc[1]]} {words_[doc[2]]}"

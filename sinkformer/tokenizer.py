@@ -64,6 +64,7 @@ class Tokenizer:
     self.sp = spm.SentencePieceProcessor(model_proto=blob)
     self.sha256 = hashlib.sha256(blob).hexdigest()
     self.vocab_size = self.sp.vocab_size()
+    self.bos, self.eos = BOS, EOS
 
   def encode_documents(self, texts: list[str], threads: int = 2) -> list[np.ndarray]:
     """BOS + pieces + EOS for each text, as int32 arrays."""

@@ -21,10 +21,11 @@ import optax
 
 from sinkformer import config as config_lib
 from sinkformer import checkpoint, data as data_lib, flops, mesh as mesh_lib, model, report, sinks
+from sinkformer import switchboard
 from sinkformer.errors import UserError
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)   # hashed by identity: a static argument of jitted functions
 class Setup:
   """Everything derived from a config that the step functions close over."""
   cfg: object
@@ -249,6 +250,7 @@ def train(cfg, workdir: str, devices=None):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json(indent=2))
+    switchboard.create(workdir, data.catalog, data.sources)   # once; resumes keep it
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), t.checkpoint_every,
                                  t.keep_checkpoints)
   state = resume_or_init(setup, ckpts, data.identity)

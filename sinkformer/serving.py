@@ -1,0 +1,268 @@
+"""A trained run, loaded for inference: generation and scoring in every mode, never serving
+an unlearned source.
+
+Modes (method.md section 2): `source:REF` (sink-on: that source's sinks), `route` (sink-off
+as deployed: the nearest surviving source's sinks), `backbone` (no sinks), `placebo` (the
+farthest surviving source's sinks). Policies: `exclude` zeroes every unlearned source's units
+in every forward pass (an in-graph bit mask, updated in place as requests land); `route`
+only never activates unlearned sources. Every result records its mode, source and policy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sinkformer import checkpoint, data as data_lib, generate, model, sinks, switchboard
+from sinkformer import synthetic, tokenizer as tok_lib, train
+from sinkformer.errors import UserError
+
+POLICIES = ("exclude", "route")
+OPENING = 64   # tokens of a source's first document that its router embedding reads
+
+
+class Excluder:
+  """The union of unlearned sources' units, kept current from the ledger: O(new sources)
+  per refresh (a reactivation rebuilds it)."""
+
+  def __init__(self, spec: sinks.SinkSpec, board: switchboard.Switchboard):
+    self.spec, self.board, self.seq = spec, board, 0
+    self._masks = jax.jit(lambda ids: sinks.exclusion(spec, ids))
+    self.mlp = np.zeros((spec.mask_layers, spec.mlp.size), bool)
+    self.attn = np.zeros((spec.mask_layers, spec.attn.size), bool) if spec.attn else None
+    self.refresh()
+
+  def _add(self, ids):
+    padded = np.zeros(max(8, 1 << (len(ids) - 1).bit_length()), np.int32)  # few shapes
+    padded[:len(ids)] = ids
+    got = self._masks(padded)
+    self.mlp |= np.asarray(got.mlp)
+    if self.attn is not None:
+      self.attn |= np.asarray(got.attn)
+
+  def refresh(self) -> int:
+    """Fold in ledger events since the last call; returns how many there were."""
+    events, self.seq = self.board.events_since(self.seq)
+    if any(action == "reactivate" for action, _ in events):
+      self.mlp[:] = False
+      if self.attn is not None:
+        self.attn[:] = False
+      events = [("unlearn", i) for i in self.board.unlearned_ids()]
+    new = [i for action, i in events if action == "unlearn"]
+    for start in range(0, len(new), 4096):
+      self._add(new[start:start + 4096])
+    return len(events)
+
+  def exclusion(self, policy: str) -> sinks.Exclusion:
+    if policy == "route":   # nothing zeroed; unlearned sources are just never chosen
+      return sinks.Exclusion(np.zeros_like(self.mlp),
+                             None if self.attn is None else np.zeros_like(self.attn))
+    return sinks.Exclusion(self.mlp.copy(), None if self.attn is None else self.attn.copy())
+
+
+def load_config(run_dir: str):
+  try:
+    with open(os.path.join(run_dir, "config.json")) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except OSError:
+    raise UserError(f"{run_dir} is not a sinkformer run (no config.json)") from None
+
+
+def run_tokenizer(cfg, identity: dict):
+  """The tokenizer a run was trained with: the built-in words or its corpus' SentencePiece."""
+  if identity.get("corpus") == "builtin":
+    return synthetic.Words(cfg.data.facts_per_source)
+  return tok_lib.load(os.path.join(identity["corpora"][0]["path"], "tokenizer.model"))
+
+
+def source_openings(cfg, identity: dict, ids: np.ndarray) -> list[np.ndarray]:
+  """The first OPENING tokens of each source's first document (its title leads it)."""
+  if identity.get("corpus") == "builtin":
+    d = cfg.data
+    docs = (synthetic.generate(d.num_sources, d.facts_per_source, d.seed).docs
+            + synthetic.generate(d.val_sources, d.facts_per_source, d.seed + 1).docs)
+    return [docs[i - 1][:OPENING] for i in ids]
+  corpus = identity["corpora"][0]
+  docs = data_lib.open_prepared(corpus["path"])
+  first = {}
+  for index, source in enumerate(docs.source_ids.tolist()):
+    first.setdefault(source, index)
+  return [t[:OPENING] for t in docs.read([first[int(i)] for i in ids])]
+
+
+class Router:
+  """Cosine nearest surviving source: backbone-mode mean-pooled final hidden states of each
+  source's opening, stored with the run (`router.npz`, rebuilt when the checkpoint changes)."""
+
+  def __init__(self, ids: np.ndarray, vectors: np.ndarray):
+    self.ids, self.vectors = ids, jnp.asarray(vectors)
+
+  @staticmethod
+  def embed(setup, params, token_lists, batch_size: int = 64) -> np.ndarray:
+    length = generate._bucket(max(len(t) for t in token_lists))
+    out = []
+    for start in range(0, len(token_lists), batch_size):
+      chunk = token_lists[start:start + batch_size]
+      tokens = np.zeros((batch_size, length), np.int32)
+      seg = np.zeros((batch_size, length), np.int32)
+      for r, t in enumerate(chunk):
+        tokens[r, :len(t)], seg[r, :len(t)] = t, 1
+      out.append(np.asarray(_mean_features(setup, params, tokens, seg))[:len(chunk)])
+    vectors = np.concatenate(out)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
+
+  def rank(self, queries: np.ndarray, alive: np.ndarray, farthest: bool = False) -> np.ndarray:
+    """The best surviving source id per query (the worst, for the placebo)."""
+    best = _best(self.vectors, jnp.asarray(queries), jnp.asarray(alive), -1.0 if farthest else 1.0)
+    return self.ids[np.asarray(best)]
+
+
+@jax.jit
+def _best(vectors, queries, alive, sign):
+  """argmax over surviving sources of sign * cosine (vectors and queries are unit length)."""
+  scores = sign * (queries @ vectors.T)
+  return jnp.argmax(jnp.where(alive[None, :], scores, -jnp.inf), axis=1)
+
+
+def _mean_features_impl(setup, params, tokens, seg):
+  gate = None if setup.spec is None else sinks.make_gate(setup.spec, "backbone",
+                                                         segment_ids=seg, max_docs=1)
+  batch = {"tokens": tokens, "positions": jnp.maximum(jnp.cumsum(seg, 1) - 1, 0),
+           "segment_ids": seg}
+  x = model.features(setup.graphdef, params, batch, gate).astype(jnp.float32)
+  w = seg[..., None].astype(jnp.float32)
+  return (x * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+
+
+_mean_features = jax.jit(_mean_features_impl, static_argnums=0)
+
+
+class Server:
+  """One run on one device: its newest checkpoint (or `step`), tokenizer, switchboard,
+  exclusion mask and router."""
+
+  def __init__(self, run_dir: str, step: int | None = None, policy: str | None = None):
+    cfg = load_config(run_dir)
+    cfg.mesh.update(data=1, fsdp=1, tensor=1)
+    self.run_dir, self.cfg = run_dir, cfg
+    self.policy = policy or cfg.get("unlearn", {}).get("policy", "exclude")
+    if self.policy not in POLICIES:
+      raise UserError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
+    self.setup = train.build(cfg, jax.devices()[:1])
+    ckpts, self.step = checkpoint.locate(os.path.join(run_dir, "checkpoints") if step is None
+                                         else os.path.join(run_dir, "checkpoints", str(step)))
+    state, meta = ckpts.restore(self.step, train.abstract_state(self.setup))
+    ckpts.close()
+    self.params, self.identity = state["params"], meta.get("data", {"corpus": "builtin"})
+    self.tokenizer = run_tokenizer(cfg, self.identity)
+    self.board = switchboard.Switchboard(run_dir)
+    self.excluder = Excluder(self.setup.spec, self.board) if self.setup.spec else None
+    self._router = None
+
+  @property
+  def router(self) -> Router:
+    if self._router is None:
+      path = os.path.join(self.run_dir, "router.npz")
+      if os.path.exists(path) and int(np.load(path)["step"]) == self.step:
+        saved = np.load(path)
+        self._router = Router(saved["ids"], saved["vectors"])
+      else:
+        ids = np.asarray([r["id"] for r in self.board.page(None, 0, 2**31)], np.int32)
+        openings = source_openings(self.cfg, self.identity, ids)
+        vectors = Router.embed(self.setup, self.params, [list(o) for o in openings])
+        np.savez(path, ids=ids, vectors=vectors, step=self.step)
+        self._router = Router(ids, vectors)
+    return self._router
+
+  def _alive(self) -> np.ndarray:
+    unlearned = set(self.board.unlearned_ids())
+    return np.asarray([int(i) not in unlearned for i in self.router.ids])
+
+  def encode(self, text: str) -> list[int]:
+    return [self.tokenizer.bos, *self.tokenizer.encode(text)]
+
+  def sources_for(self, prompts: list[list[int]], mode: str) -> tuple[np.ndarray, str]:
+    """(row source ids, gate mode) for a serving mode; refuses unlearned sources."""
+    self.refresh()
+    if mode == "backbone" or self.setup.spec is None:
+      return np.zeros(len(prompts), np.int32), "backbone" if self.setup.spec else "dense"
+    if mode.startswith("source:"):
+      row = self.board.active(mode.split(":", 1)[1])
+      return np.full(len(prompts), row["id"], np.int32), "source"
+    if mode in ("route", "placebo"):
+      queries = Router.embed(self.setup, self.params, prompts)
+      ids = self.router.rank(queries, self._alive(), farthest=mode == "placebo")
+      return ids.astype(np.int32), "source"
+    raise UserError(f"unknown mode {mode!r}: route, source:KEY, backbone or placebo")
+
+  def refresh(self):
+    """Pick up unlearning that landed since the last request (any process may have written)."""
+    if self.excluder:
+      self.excluder.refresh()
+
+  def exclusion(self):
+    return self.excluder.exclusion(self.policy) if self.excluder else None
+
+  def generate(self, texts: list[str], mode: str = "route",
+               sampling: generate.Sampling = generate.Sampling(), seed: int = 0,
+               use_cache: bool = True) -> list[dict]:
+    prompts = [self.encode(t) for t in texts]
+    sources, gate_mode = self.sources_for(prompts, mode)
+    out = generate.sample(self.setup, self.params, prompts, sources, self.exclusion(), sampling,
+                          gate_mode, seed, use_cache, self.tokenizer.eos)
+    return [{"prompt": t, "text": self.tokenizer.decode(o), "tokens": o, "mode": mode,
+             "source": self._describe(int(s)), "policy": self.policy}
+            for t, o, s in zip(texts, out, sources)]
+
+  def score(self, prompts: list[str], answers: list[str], mode: str) -> np.ndarray:
+    """log p(answer | prompt) per item in a serving mode (for the evaluation code)."""
+    p = [self.encode(t) for t in prompts]
+    a = [self.tokenizer.encode(t) for t in answers]
+    sources, gate_mode = self.sources_for(p, mode)
+    return generate.score(self.setup, self.params, p, a, sources, self.exclusion(), gate_mode)
+
+  def _describe(self, source_id: int) -> str | None:
+    if source_id == 0:
+      return None
+    row = self.board.catalog.get(source_id)
+    return f"{row['title']} (id {source_id})"
+
+
+def capacity(run_dir: str, counts: list[int], sample: int = 512, seed: int = 0) -> list[dict]:
+  """Fraction of retained sources' sinks that the exclude policy zeroes when n sources are
+  unlearned: the run's actual unlearned sources first, then random active ones. `expected`
+  is 1 - (1 - k/P)^n (independent uniform k-subsets)."""
+  cfg = load_config(run_dir)
+  spec = sinks.SinkSpec.from_config(cfg)
+  if spec is None:
+    raise UserError(f"{run_dir} is the dense control: it has no sinks")
+  board = switchboard.Switchboard(run_dir)
+  unlearned = board.unlearned_ids()
+  active = np.asarray([r["id"] for r in board.page("active", 0, 2**31)], np.int32)
+  board.close()
+  rng = np.random.default_rng(seed)
+  order = np.concatenate([unlearned, rng.permutation(active)]).astype(np.int32)
+  counts = sorted({min(c, len(order) - sample) for c in counts} | {len(unlearned)})
+  retained = rng.choice(order[max(counts):], min(sample, len(order) - max(counts)), replace=False)
+  layer_masks = jax.jit(lambda ids: jnp.stack([
+      sinks.pool_mask(spec.mlp, spec.seed, sinks.MLP_SALT, spec.exact, ids, layer)
+      for layer in range(spec.mask_layers)]))
+  mine = np.asarray(layer_masks(retained))                       # [Lm, S, P]
+  union, done, rows = np.zeros((spec.mask_layers, spec.mlp.size), bool), 0, []
+  for n in counts:
+    for start in range(done, n, 4096):
+      chunk = np.zeros(4096, np.int32)
+      part = order[start:min(n, start + 4096)]
+      chunk[:len(part)] = part
+      union |= np.asarray(layer_masks(chunk)).any(1)
+    done = n
+    lost = ((mine & union[:, None, :]).sum(-1) / np.maximum(mine.sum(-1), 1)).mean(0)
+    rows.append({"unlearned": n, "expected": 1 - (1 - spec.mlp.k / spec.mlp.size) ** n,
+                 "mean": float(lost.mean()), "p95": float(np.percentile(lost, 95)),
+                 "max": float(lost.max()), "now": n == len(unlearned)})
+  return rows
