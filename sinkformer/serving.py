@@ -186,19 +186,24 @@ class Server:
   def encode(self, text: str) -> list[int]:
     return [self.tokenizer.bos, *self.tokenizer.encode(text)]
 
-  def sources_for(self, prompts: list[list[int]], mode: str) -> tuple[np.ndarray, str]:
-    """(row source ids, gate mode) for a serving mode; refuses unlearned sources."""
+  def sources_for(self, texts: list[str], mode: str) -> tuple[np.ndarray, str]:
+    """(row source ids, gate mode) for a serving mode; refuses unlearned sources before
+    anything else."""
     self.refresh()
-    if mode == "backbone" or self.setup.spec is None:
-      return np.zeros(len(prompts), np.int32), "backbone" if self.setup.spec else "dense"
-    if mode.startswith("source:"):
-      row = self.board.active(mode.split(":", 1)[1])
-      return np.full(len(prompts), row["id"], np.int32), "source"
+    if not (mode in ("route", "placebo", "backbone") or mode.startswith("source:")):
+      raise UserError(f"unknown mode {mode!r}: route, source:KEY, backbone or placebo")
+    named = self.board.active(mode.split(":", 1)[1])["id"] if mode.startswith("source:") else 0
+    if self.setup.spec is None:   # the dense control: no sinks, but the same refusals
+      return np.zeros(len(texts), np.int32), "dense"
     if mode in ("route", "placebo"):
-      queries = Router.embed(self.setup, self.params, prompts)
-      ids = self.router.rank(queries, self._alive(), farthest=mode == "placebo")
-      return ids.astype(np.int32), "source"
-    raise UserError(f"unknown mode {mode!r}: route, source:KEY, backbone or placebo")
+      alive = self._alive()
+      if not alive.any():
+        raise UserError("every source of this run is unlearned: nothing to route to "
+                        "(use --mode backbone)")
+      queries = Router.embed(self.setup, self.params, [self.encode(t) for t in texts])
+      return self.router.rank(queries, alive, farthest=mode == "placebo").astype(np.int32), "source"
+    mode = "backbone" if mode == "backbone" else "source"
+    return np.full(len(texts), named, np.int32), mode
 
   def refresh(self):
     """Pick up unlearning that landed since the last request (any process may have written)."""
@@ -211,8 +216,8 @@ class Server:
   def generate(self, texts: list[str], mode: str = "route",
                sampling: generate.Sampling = generate.Sampling(), seed: int = 0,
                use_cache: bool = True) -> list[dict]:
+    sources, gate_mode = self.sources_for(texts, mode)
     prompts = [self.encode(t) for t in texts]
-    sources, gate_mode = self.sources_for(prompts, mode)
     out = generate.sample(self.setup, self.params, prompts, sources, self.exclusion(), sampling,
                           gate_mode, seed, use_cache, self.tokenizer.eos)
     return [{"prompt": t, "text": self.tokenizer.decode(o), "tokens": o, "mode": mode,
@@ -221,9 +226,9 @@ class Server:
 
   def score(self, prompts: list[str], answers: list[str], mode: str) -> np.ndarray:
     """log p(answer | prompt) per item in a serving mode (for the evaluation code)."""
+    sources, gate_mode = self.sources_for(prompts, mode)
     p = [self.encode(t) for t in prompts]
     a = [self.tokenizer.encode(t) for t in answers]
-    sources, gate_mode = self.sources_for(p, mode)
     return generate.score(self.setup, self.params, p, a, sources, self.exclusion(), gate_mode)
 
   def _describe(self, source_id: int) -> str | None:
@@ -231,6 +236,14 @@ class Server:
       return None
     row = self.board.catalog.get(source_id)
     return f"{row['title']} (id {source_id})"
+
+
+def routing_accuracy(server: Server, limit: int = 1000) -> tuple[float, int]:
+  """Top-1 accuracy of routing each surviving source's title to that source."""
+  rows = server.board.page("active", 0, limit)
+  queries = Router.embed(server.setup, server.params, [server.encode(r["title"]) for r in rows])
+  routed = server.router.rank(queries, server._alive())
+  return float(np.mean(routed == np.asarray([r["id"] for r in rows]))), len(rows)
 
 
 def capacity(run_dir: str, counts: list[int], sample: int = 512, seed: int = 0) -> list[dict]:

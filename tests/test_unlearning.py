@@ -1,0 +1,223 @@
+"""Unlearning: the switchboard, the in-graph exclusion, the router, generation, and every
+path a user could take to reach an unlearned source."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sinkformer import config, generate, model, serving, sinks, switchboard, train
+from sinkformer.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  cfg = config.load("experiments/quickstart.py:smoke")
+  cfg.train.update(steps=40, eval_every=0, log_every=20, checkpoint_every=40)
+  path = tmp_path_factory.mktemp("run")
+  train.train(cfg, str(path))
+  return str(path)
+
+
+@pytest.fixture
+def fresh_run(run_dir, tmp_path):
+  """A copy of the trained run whose switchboard a test may change."""
+  import shutil
+  shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("router.npz"))
+  return str(tmp_path / "run")
+
+
+def board_of(tmp_path, n=30, groups=3):
+  rows = [(i, f"k{i}", f"Title {i}", f"shelf{i % groups}", 1, 10) for i in range(1, n + 1)]
+  switchboard.create(str(tmp_path), None, rows)
+  return switchboard.Switchboard(str(tmp_path))
+
+
+def test_unlearn_by_any_name_is_idempotent_and_ledgered(tmp_path):
+  b = board_of(tmp_path)
+  got = b.unlearn(["k1", "  title   2 ", "3", "SHELF1"], "user request", who="dpo")
+  shelf1 = {i for i in range(1, 31) if i % 3 == 1}
+  assert set(got["changed"]) == {1, 2, 3} | shelf1 and got["request_id"]
+  again = b.unlearn(["k1"], "again")
+  assert again["changed"] == [] and again["unchanged"] == [1] and again["request_id"] is None
+  ledger = b.ledger()
+  assert len(ledger) == len(got["changed"]) and {e["who"] for e in ledger} == {"dpo"}
+  with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+    b.db.execute("UPDATE ledger SET why = 'nothing happened'")
+  with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+    b.db.execute("DELETE FROM ledger")
+
+
+def test_a_request_with_an_unknown_source_changes_nothing(tmp_path):
+  b = board_of(tmp_path)
+  with pytest.raises(UserError, match="'nobody'"):
+    b.unlearn(["k1", "k2", "nobody"], "x")
+  assert b.unlearned_ids() == [] and b.ledger() == []
+
+
+def test_reactivation_is_off_unless_allowed_and_ledgered(tmp_path):
+  b = board_of(tmp_path)
+  b.unlearn(["k5"], "x")
+  with pytest.raises(switchboard.Refused, match="allow_reactivation"):
+    b.reactivate(["k5"], "oops")
+  assert b.unlearned_ids() == [5]
+  b.reactivate(["k5"], "court order reversed", allowed=True)
+  assert b.unlearned_ids() == [] and [e["action"] for e in b.ledger(5)] == ["unlearn", "reactivate"]
+
+
+def test_refusals_by_every_name(tmp_path):
+  b = board_of(tmp_path)
+  b.unlearn(["k7", "shelf2"], "x")
+  for ref in ("k7", "7", "title 7", "TITLE  7", "Title 8", "shelf2", "SHELF2"):
+    with pytest.raises(switchboard.Refused, match="unlearned"):
+      b.active(ref)
+  assert b.active("k1")["id"] == 1
+
+
+CRASH = """
+import sys
+from sinkformer import switchboard
+b = switchboard.Switchboard(sys.argv[1])
+ids = [r["id"] for r in b.page("active", 0, 10**9)]
+for start in range(0, len(ids), 10000):
+  b.unlearn([str(i) for i in ids[start:start + 10000]], "batch")
+"""
+
+
+@pytest.mark.slow
+def test_a_batch_lands_whole_or_not_at_all_when_the_process_is_killed(tmp_path):
+  board_of(tmp_path, n=400_000).close()
+  script = tmp_path / "crash.py"
+  script.write_text(CRASH)
+  rng = np.random.default_rng(0)
+  for attempt in range(6):
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)])
+    time.sleep(rng.uniform(0.5, 2.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    b = switchboard.Switchboard(str(tmp_path))
+    per_request = b.db.execute("SELECT request_id, count(*) FROM ledger GROUP BY request_id").fetchall()
+    assert all(n == 10_000 for _, n in per_request), per_request
+    assert len(b.unlearned_ids()) == 10_000 * len(per_request)
+    b.close()
+  assert 0 < len(per_request) < 40   # batches landed, and the kills interrupted the work
+
+
+def test_exclusion_is_an_argument_and_equals_deleting_the_units(fresh_run):
+  server = serving.Server(fresh_run)
+  prompts = [server.encode(server.board.catalog.get(i)["title"]) for i in (10, 11)]
+  s = generate.Sampling(max_new=6)
+  before = generate.sample(server.setup, server.params, prompts, [10, 11], server.exclusion(), s)
+  compiled = generate._sample._cache_size()
+  server.board.unlearn(["person-1", "person-2", "person-3"], "test")
+  server.refresh()
+  ex = server.exclusion()
+  expected = np.asarray(sinks.exclusion(server.setup.spec, [1, 2, 3]).mlp)
+  np.testing.assert_array_equal(ex.mlp, expected)
+  generate.sample(server.setup, server.params, prompts, [10, 11], ex, s)
+  assert generate._sample._cache_size() == compiled          # no recompilation
+  assert before is not None
+
+  # With `exclude`, serving equals a model whose excluded sink units were deleted.
+  G = server.setup.dims.mlp_backbone
+  gone = np.concatenate([np.zeros(G, bool), expected[0]])
+  deleted = jax.tree_util.tree_map_with_path(
+      lambda path, x: x.at[gone].set(0) if "down" in jax.tree_util.keystr(path) else x,
+      server.params)
+  rows = {"tokens": jnp.asarray([prompts[0]]), "positions": jnp.arange(len(prompts[0]))[None],
+          "segment_ids": jnp.ones((1, len(prompts[0])), jnp.int32)}
+  gate = lambda ex: sinks.make_gate(server.setup.spec, "source", segment_ids=rows["segment_ids"],
+                                    row_sources=jnp.asarray([10]), exclude=ex, max_docs=1)
+  served = model.apply(server.setup.graphdef, server.params, rows, gate(ex))
+  hard = model.apply(server.setup.graphdef, deleted, rows, gate(None))
+  np.testing.assert_allclose(served, hard, atol=1e-5)
+  assert np.abs(served - model.apply(server.setup.graphdef, server.params, rows, gate(None))).max() > 0
+
+
+def test_every_mode_and_no_path_to_an_unlearned_source(fresh_run):
+  server = serving.Server(fresh_run)
+  title = server.board.catalog.get(5)["title"]
+  for mode in ("route", "source:person-5", "backbone", "placebo"):
+    out = server.generate([title, title + " lives_in"], mode, generate.Sampling(max_new=4))
+    assert len(out) == 2 and out[0]["mode"] == mode and out[0]["policy"] == "exclude"
+  routed = server.generate([title], "route")[0]["source"]
+  routed_id = int(routed.split("id ")[1].rstrip(")"))
+  server.board.unlearn([str(routed_id), "person-5"], "test")
+  for ref in ("person-5", "5", title.upper(), f"  {title}  ", str(routed_id)):
+    with pytest.raises(switchboard.Refused):
+      server.generate([title], f"source:{ref}")
+    with pytest.raises(switchboard.Refused):
+      server.score([title], ["lives_in"], f"source:{ref}")
+  unlearned = set(server.board.unlearned_ids())
+  for mode in ("route", "placebo"):
+    again = server.generate([title, "Balo Barsk"], mode)
+    assert all(int(o["source"].split("id ")[1].rstrip(")")) not in unlearned for o in again)
+
+
+def test_kv_cache_sampling_and_scoring_agree_with_the_plain_model(fresh_run):
+  server = serving.Server(fresh_run)
+  setup, params, ex = server.setup, server.params, server.exclusion()
+  prompts = [server.encode("Balo Barsk lives_in"), server.encode("Salo Nirsk")]
+  greedy = generate.Sampling(max_new=8)
+  cached = generate.sample(setup, params, prompts, [3, 4], ex, greedy, eos=10**9)
+  plain = generate.sample(setup, params, prompts, [3, 4], ex, greedy, use_cache=False, eos=10**9)
+  assert cached == plain
+  top1 = generate.sample(setup, params, prompts, [3, 4], ex,
+                         generate.Sampling(max_new=8, temperature=0.7, top_k=1), eos=10**9)
+  assert top1 == cached
+  a = generate.sample(setup, params, prompts, [3, 4], ex, generate.Sampling(8, 1.0, 0, 0.9),
+                      seed=3, eos=10**9)
+  assert a == generate.sample(setup, params, prompts, [3, 4], ex, generate.Sampling(8, 1.0, 0, 0.9),
+                              seed=3, eos=10**9)
+
+  # score = the sum of the answer tokens' log-probabilities under the same gate
+  prompt, answer = prompts[0], cached[0][:3]
+  got = generate.score(setup, params, [prompt], [answer], [3], ex)[0]
+  seq = jnp.asarray([prompt + answer])
+  rows = {"tokens": seq, "positions": jnp.arange(seq.shape[1])[None],
+          "segment_ids": jnp.ones_like(seq)}
+  gate = sinks.make_gate(setup.spec, "source", segment_ids=rows["segment_ids"],
+                         row_sources=jnp.asarray([3]), exclude=ex, max_docs=1)
+  logp = jax.nn.log_softmax(model.apply(setup.graphdef, params, rows, gate)[0])
+  want = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(answer))
+  assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_router_accuracy_and_capacity(fresh_run):
+  server = serving.Server(fresh_run)
+  accuracy, n = serving.routing_accuracy(server)
+  assert 0 <= accuracy <= 1 and n == 80
+  assert os.path.exists(os.path.join(fresh_run, "router.npz"))
+  server.board.unlearn([str(i) for i in range(1, 11)], "capacity")
+  rows = serving.capacity(fresh_run, [1, 10, 40], sample=16)
+  now = [r for r in rows if r["now"]][0]
+  assert now["unlearned"] == 10 and [r["unlearned"] for r in rows] == [1, 10, 40]
+  assert rows[0]["mean"] <= now["mean"] <= rows[-1]["mean"]
+  assert abs(rows[-1]["mean"] - rows[-1]["expected"]) < 0.2
+
+
+def test_unlearn_and_generate_commands(fresh_run):
+  cli = lambda *a: subprocess.run([sys.executable, "-m", "sinkformer", *a], capture_output=True,
+                                  text=True, timeout=300)
+  out = cli("unlearn", "--run", fresh_run, "--reason", "erasure request", "person-4", "person-6")
+  assert out.returncode == 0 and "unlearned 2 source(s)" in out.stdout, out.stderr
+  assert "already unlearned" in cli("unlearn", "--run", fresh_run, "--reason", "r", "4").stdout
+  show = cli("sources", "show", "--run", fresh_run, "person-4")
+  assert '"status": "unlearned"' in show.stdout and "erasure request" in show.stdout
+  listed = cli("sources", "list", "--run", fresh_run, "--status", "unlearned")
+  assert listed.stdout.splitlines()[0] == "78 active, 2 unlearned"
+  gen = cli("generate", "--run", fresh_run, "--prompt", "Balo Barsk", "--mode", "backbone",
+            "--max_new", "4")
+  assert gen.returncode == 0 and "[backbone -> no sinks, policy exclude]" in gen.stdout
+  refused = cli("generate", "--run", fresh_run, "--prompt", "x", "--mode", "source:person-4")
+  assert refused.returncode == 2 and "has been unlearned" in refused.stderr
+  assert cli("sources", "reactivate", "--run", fresh_run, "--reason", "r", "4").returncode == 2
+  missing = cli("unlearn", "--run", fresh_run, "person-4")
+  assert missing.returncode == 2 and "--reason is required" in missing.stderr
