@@ -40,7 +40,8 @@ def get_config(arg=None):
                  warmup_steps=16, weight_decay=0.1, b1=0.9, b2=0.95, clip_norm=1.0,
                  log_every=10, eval_every=40, eval_batches=4,   # 160 steps ~ 25 epochs
                  checkpoint_every=40, keep_checkpoints=3)
-  # Serving: exclude = zero unlearned sources' units in every pass; route = only never pick them.
-  c.unlearn = dict(policy="exclude", allow_reactivation=False)
+  # Serving: exclude = zero unlearned sources' units in every pass; route = only never pick
+  # them. The router embeds each source's title+opening (or its title only).
+  c.unlearn = dict(policy="exclude", router="title+opening", allow_reactivation=False)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   return apply_presets(c, arg, PRESETS)

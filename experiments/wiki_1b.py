@@ -42,7 +42,8 @@ def get_config(arg=None):
                  warmup_steps=2000, weight_decay=0.1, b1=0.9, b2=0.95, clip_norm=1.0,
                  log_every=50, eval_every=2000, eval_batches=16,
                  checkpoint_every=1000, keep_checkpoints=5)
-  # Serving: exclude = zero unlearned sources' units in every pass; route = only never pick them.
-  c.unlearn = dict(policy="exclude", allow_reactivation=False)
+  # Serving: exclude = zero unlearned sources' units in every pass; route = only never pick
+  # them. The router embeds each source's title+opening (or its title only).
+  c.unlearn = dict(policy="exclude", router="title+opening", allow_reactivation=False)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   return apply_presets(c, arg, PRESETS)

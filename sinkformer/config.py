@@ -103,6 +103,8 @@ def validate(cfg, num_devices: int) -> tuple[int, ...]:
   _require(d.workers >= 1, "data.workers", f"must be >= 1, got {d.workers}")
   _require(cfg.unlearn.policy in ("exclude", "route"), "unlearn.policy",
            f"{cfg.unlearn.policy!r} is not 'exclude' or 'route'")
+  _require(cfg.unlearn.router in ("title+opening", "title"), "unlearn.router",
+           f"{cfg.unlearn.router!r} is not 'title+opening' or 'title'")
   _require(t.steps > 0, "train.steps", f"must be positive, got {t.steps}")
   _require(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
            f"{t.grad_accum} must divide train.batch_size={t.batch_size}")

@@ -46,7 +46,7 @@ def _reactivate(fv, args):
   cfg = serving.load_config(fv.run)
   board = switchboard.Switchboard(fv.run)
   result = board.reactivate(_refs(args, fv.file), fv.reason, fv.who,
-                            allowed=cfg.get("unlearn", {}).get("allow_reactivation", False))
+                            allowed=cfg.unlearn.allow_reactivation)
   board.close()
   print(f"reactivated {len(result['changed'])} source(s) (request {result['request_id']})")
 
@@ -146,6 +146,15 @@ def _bench_generate(fv):
   bench.generation(fv.run, fv.rounds)
 
 
+def _bench_route(fv):
+  from sinkformer import serving
+  for text in serving.ROUTER_TEXTS:
+    server = serving.Server(fv.run, router_text=text)
+    accuracy, n = serving.routing_accuracy(server, limit=10**9)
+    print(f"router on {text}: top-1 accuracy {accuracy:.3f} routing each surviving source's "
+          f"title back to it ({n:,} sources)")
+
+
 def _bench_unlearn_flags(fv, argv):
   _run_flag(fv)
   flags.DEFINE_string("catalog", None, "a prepared catalog.sqlite to unlearn from (e.g. the "
@@ -174,6 +183,8 @@ COMMANDS = {
                  _generate_flags, _generate, ("run", "prompt")),
     "bench generate": ("generation tokens/s with the KV cache against without",
                        _bench_run_flags, _bench_generate, ("run",)),
+    "bench route": ("routing top-1 accuracy: each surviving source's title routed back to it",
+                    _show_flags, _bench_route, ("run",)),
     "bench unlearn": ("unlearn latency, request to effect on the next generation",
                       _bench_unlearn_flags, _bench_unlearn, ("run",)),
 }

@@ -65,12 +65,18 @@ class Excluder:
     return sinks.Exclusion(self.mlp.copy(), None if self.attn is None else self.attn.copy())
 
 
+UNLEARN_DEFAULTS = {"policy": "exclude", "router": "title+opening", "allow_reactivation": False}
+
+
 def load_config(run_dir: str):
+  """A run's config.json; runs from before the `unlearn` section get its defaults."""
   try:
     with open(os.path.join(run_dir, "config.json")) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      raw = json.load(f)
   except OSError:
     raise UserError(f"{run_dir} is not a sinkformer run (no config.json)") from None
+  raw["unlearn"] = {**UNLEARN_DEFAULTS, **raw.get("unlearn", {})}
+  return ml_collections.ConfigDict(raw)
 
 
 def run_tokenizer(cfg, identity: dict):
@@ -81,23 +87,29 @@ def run_tokenizer(cfg, identity: dict):
 
 
 def source_openings(cfg, identity: dict, ids: np.ndarray) -> list[np.ndarray]:
-  """The first OPENING tokens of each source's first document (its title leads it)."""
+  """The first OPENING tokens of each source's first document."""
   if identity.get("corpus") == "builtin":
     d = cfg.data
     docs = (synthetic.generate(d.num_sources, d.facts_per_source, d.seed).docs
             + synthetic.generate(d.val_sources, d.facts_per_source, d.seed + 1).docs)
     return [docs[i - 1][:OPENING] for i in ids]
-  corpus = identity["corpora"][0]
-  docs = data_lib.open_prepared(corpus["path"])
-  first = {}
-  for index, source in enumerate(docs.source_ids.tolist()):
-    first.setdefault(source, index)
-  return [t[:OPENING] for t in docs.read([first[int(i)] for i in ids])]
+  first = {}   # source id (offset as in training) -> (corpus, its first document)
+  corpora = [data_lib.open_prepared(c["path"], id_offset=c["id_offset"])
+             for c in identity["corpora"]]
+  for c, docs in enumerate(corpora):
+    for index, source in enumerate(docs.source_ids.tolist()):
+      first.setdefault(source, (c, index))
+  return [corpora[c].read([index])[0][:OPENING] for c, index in (first[int(i)] for i in ids)]
+
+
+ROUTER_TEXTS = ("title+opening", "title")
 
 
 class Router:
-  """Cosine nearest surviving source: backbone-mode mean-pooled final hidden states of each
-  source's opening, stored with the run (`router.npz`, rebuilt when the checkpoint changes)."""
+  """Cosine nearest surviving source. A source's vector: backbone-mode mean-pooled final
+  hidden states of its title, plus (default, `unlearn.router = "title+opening"`) those of its
+  first document's opening, normalised; stored with the run (`router.npz`, rebuilt when the
+  checkpoint or the choice changes). Queries are embedded the same way."""
 
   def __init__(self, ids: np.ndarray, vectors: np.ndarray):
     self.ids, self.vectors = ids, jnp.asarray(vectors)
@@ -146,11 +158,15 @@ class Server:
   """One run on one device: its newest checkpoint (or `step`), tokenizer, switchboard,
   exclusion mask and router."""
 
-  def __init__(self, run_dir: str, step: int | None = None, policy: str | None = None):
+  def __init__(self, run_dir: str, step: int | None = None, policy: str | None = None,
+               router_text: str | None = None):
     cfg = load_config(run_dir)
     cfg.mesh.update(data=1, fsdp=1, tensor=1)
     self.run_dir, self.cfg = run_dir, cfg
-    self.policy = policy or cfg.get("unlearn", {}).get("policy", "exclude")
+    self.policy = policy or cfg.unlearn.policy
+    self.router_text = router_text or cfg.unlearn.router
+    if self.router_text not in ROUTER_TEXTS:
+      raise UserError(f"unknown router text {self.router_text!r}; expected one of {ROUTER_TEXTS}")
     if self.policy not in POLICIES:
       raise UserError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
     self.setup = train.build(cfg, jax.devices()[:1])
@@ -168,14 +184,19 @@ class Server:
   def router(self) -> Router:
     if self._router is None:
       path = os.path.join(self.run_dir, "router.npz")
-      if os.path.exists(path) and int(np.load(path)["step"]) == self.step:
-        saved = np.load(path)
+      saved = np.load(path) if os.path.exists(path) else None
+      if saved is not None and (int(saved["step"]), str(saved.get("text"))) == (
+          self.step, self.router_text):
         self._router = Router(saved["ids"], saved["vectors"])
       else:
-        ids = np.asarray([r["id"] for r in self.board.page(None, 0, 2**31)], np.int32)
-        openings = source_openings(self.cfg, self.identity, ids)
-        vectors = Router.embed(self.setup, self.params, [list(o) for o in openings])
-        np.savez(path, ids=ids, vectors=vectors, step=self.step)
+        rows = self.board.page(None, 0, 2**31)
+        ids = np.asarray([r["id"] for r in rows], np.int32)
+        vectors = Router.embed(self.setup, self.params, [self.encode(r["title"]) for r in rows])
+        if self.router_text == "title+opening":
+          openings = source_openings(self.cfg, self.identity, ids)
+          vectors = vectors + Router.embed(self.setup, self.params, [list(o) for o in openings])
+          vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        np.savez(path, ids=ids, vectors=vectors, step=self.step, text=self.router_text)
         self._router = Router(ids, vectors)
     return self._router
 
