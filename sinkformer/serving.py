@@ -99,7 +99,14 @@ def source_openings(cfg, identity: dict, ids: np.ndarray) -> list[np.ndarray]:
   for c, docs in enumerate(corpora):
     for index, source in enumerate(docs.source_ids.tolist()):
       first.setdefault(source, (c, index))
-  return [corpora[c].read([index])[0][:OPENING] for c, index in (first[int(i)] for i in ids)]
+  out, wanted = [None] * len(ids), {}
+  for position, i in enumerate(ids):
+    c, index = first[int(i)]
+    wanted.setdefault(c, []).append((position, index))
+  for c, items in wanted.items():   # one read per corpus: reads are batched per shard
+    for (position, _), tokens in zip(items, corpora[c].read([index for _, index in items])):
+      out[position] = tokens[:OPENING]
+  return out
 
 
 ROUTER_TEXTS = ("title+opening", "title")

@@ -182,6 +182,16 @@ def test_train_on_prepared_data_and_refuse_other_data(prepared, smoke_cfg, tmp_p
   seen = np.unique(d.seen.rows(np.arange(d.seen.epoch_rows(0)))["source_ids"])
   assert len(held[held > 0]) == 8 and not np.intersect1d(held[held > 0], seen).size
 
+  # serving a run on prepared text: SentencePiece prompts, router over its sources, refusals
+  from sinkformer import serving, switchboard
+  server = serving.Server(str(tmp_path / "run"))
+  out = server.generate(["Entity 3 is a"], "route")[0]
+  assert out["source"] and isinstance(out["text"], str) and out["policy"] == "exclude"
+  server.board.unlearn(["entity 3"], "test")
+  with pytest.raises(switchboard.Refused):
+    server.generate(["Entity 3 is a"], "source:e3")
+  assert "id 4)" not in server.generate(["Entity 3 is a"], "route")[0]["source"]
+
   # the same run directory on data with another tokenizer: refused before training
   other = tmp_path / "other"
   prepare.prepare(write_jsonl(tmp_path / "o.jsonl", seed=1), str(other), vocab_size=330,
@@ -298,3 +308,6 @@ def test_a_mixture_of_raw_corpora_shares_the_first_tokenizer(tmp_path, smoke_cfg
   ids = np.concatenate([d.train.batch(s)["source_ids"] for s in range(4)])
   assert ids.max() > 40 and ids[ids > 0].min() >= 1   # the second corpus' ids come after
   assert "tok" in os.path.basename(second["path"])       # tokenized with the first's model
+  # the run's switchboard will list both corpora's sources, ids offset, keys qualified
+  assert d.catalog is None and len(d.sources) == 60
+  assert d.sources[40][0] == 41 and d.sources[40][1].endswith(":e0")
