@@ -2,6 +2,12 @@
 
   sinkformer train --config experiments/quickstart.py --workdir runs/quickstart
   sinkformer train --config experiments/quickstart.py:dense --workdir runs/quickstart-dense
+  sinkformer generate --run runs/quickstart --mode source:person-7 --prompt "Bolo Girsk lives_in"
+  sinkformer unlearn --run runs/quickstart --reason "erasure request" person-7
+  sinkformer generate --run runs/quickstart --mode route --prompt "Bolo Girsk lives_in"
+
+Corpus: Wikipedia's Vital Articles once `sinkformer data fetch wiki-vital` has run, else the
+built-in encyclopedia (the run says which).
 
 Presets (comma-separated after ':'): dense = the standard-transformer control of equal size;
 smoke = a few steps of a tiny model (tests); bf16 = bfloat16 compute with float32 params.
