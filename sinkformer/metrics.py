@@ -1,0 +1,162 @@
+"""Forgetting metrics exactly as method.md section 4 defines them (pure numpy/scipy).
+
+Inputs are per-token log-probabilities of the answer/document tokens (what
+`generate.score`-style teacher forcing gives), greedy or argmax token lists, and texts.
+Conventions: membership scores are *higher = less member-like*; an AUC is the probability
+that a never-seen document scores higher than a forgotten one (0.5 = the forgotten
+documents look unseen, 1 = they look like training data).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+from scipy import stats
+
+
+def mean_logprob(token_logps) -> float:
+  """log P̄(y|x): the mean log-probability over the answer's tokens."""
+  return float(np.mean(token_logps))
+
+
+def truth_ratio(correct, distractors) -> np.ndarray:
+  """TR = P̄(correct) / geometric mean_j P̄(distractor_j), per item.
+
+  correct: [N] mean log-probs (log P̄) of the true answers; distractors: [N, J] of the
+  distractors. Returns TR [N] (> 1: the model prefers the truth).
+  """
+  correct, distractors = np.asarray(correct, float), np.asarray(distractors, float)
+  return np.exp(correct - distractors.mean(axis=-1))
+
+
+def tofu_forget(tr) -> float:
+  """TOFU's forget-set aggregate mean(min(R, 1/R)), R = 1/TR (1 = no preference left)."""
+  r = 1.0 / np.asarray(tr, float)
+  return float(np.mean(np.minimum(r, 1.0 / r)))
+
+
+def tofu_retain(tr) -> float:
+  """TOFU's aggregate for other sets: mean(max(0, 1 - R)), R = 1/TR."""
+  return float(np.mean(np.maximum(0.0, 1.0 - 1.0 / np.asarray(tr, float))))
+
+
+def forget_quality(tr_unlearned, tr_retrain) -> float:
+  """Two-sided KS p-value between per-item TRs of the unlearned and the retrained model."""
+  return float(stats.ks_2samp(tr_unlearned, tr_retrain).pvalue)
+
+
+def _lcs(a, b) -> int:
+  row = [0] * (len(b) + 1)
+  for x in a:
+    diagonal = 0
+    for j, y in enumerate(b, start=1):
+      diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+  return row[-1]
+
+
+def _words(x):
+  return x.split() if isinstance(x, str) else list(x)
+
+
+def rouge_l_recall(prediction, reference) -> float:
+  """LCS(prediction, reference) / len(reference), over words (strings) or token lists."""
+  p, r = _words(prediction), _words(reference)
+  return _lcs(p, r) / len(r) if r else 0.0
+
+
+def exact_memorization(argmax, answer) -> float:
+  """Fraction of answer tokens that the teacher-forced argmax predicts."""
+  argmax, answer = np.asarray(argmax), np.asarray(answer)
+  return float(np.mean(argmax == answer))
+
+
+def extraction_strength(argmax, answer) -> float:
+  """1 - k/T for the smallest k from which the teacher-forced argmax matches the rest of the
+  answer (1: the whole answer, 0: not even its last token)."""
+  wrong = np.flatnonzero(np.asarray(argmax) != np.asarray(answer))
+  k = 0 if wrong.size == 0 else int(wrong[-1]) + 1
+  return 1.0 - k / len(answer)
+
+
+def loss_score(token_logps) -> float:
+  return -float(np.mean(token_logps))
+
+
+def zlib_score(token_logps, text: str) -> float:
+  """Loss divided by the zlib-compressed length of the text (in bytes)."""
+  return loss_score(token_logps) / len(zlib.compress(text.encode()))
+
+
+def min_k_score(token_logps, k: float = 0.4) -> float:
+  """Min-K%: minus the mean of the lowest k fraction of token log-probs."""
+  lp = np.sort(np.asarray(token_logps, float))
+  return -float(lp[:max(1, int(len(lp) * k))].mean())
+
+
+def token_zscores(logits, targets) -> np.ndarray:
+  """Min-K%++'s per-token z: (log p(target) - mu) / sigma, mu and sigma of log p(v) under
+  the model's own distribution over the vocabulary at that position. logits [T, V]."""
+  logits = np.asarray(logits, float)
+  logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+  p = np.exp(logp)
+  mu = (p * logp).sum(-1)
+  sigma = np.sqrt(np.maximum((p * logp ** 2).sum(-1) - mu ** 2, 1e-12))
+  return (logp[np.arange(len(targets)), targets] - mu) / sigma
+
+
+def min_k_plus_plus_score(logits, targets, k: float = 0.4) -> float:
+  """Min-K%++: Min-K% over the z-scored token log-probs."""
+  return min_k_score(token_zscores(logits, targets), k)
+
+
+def auc(forget_scores, holdout_scores) -> float:
+  """P(a never-seen document scores higher than a forgotten one), ties counted half."""
+  f, h = np.asarray(forget_scores, float), np.asarray(holdout_scores, float)
+  greater = (h[:, None] > f[None, :]).mean()
+  ties = (h[:, None] == f[None, :]).mean()
+  return float(greater + 0.5 * ties)
+
+
+def privleak(auc_unlearned: float, auc_retrain: float) -> float:
+  """(AUC_unlearned - AUC_retrain) / AUC_retrain * 100: ~0 is ideal."""
+  return (auc_unlearned - auc_retrain) / auc_retrain * 100.0
+
+
+def edit_similarity(a, b) -> float:
+  """1 - Levenshtein(a, b) / max(len): 1 for identical sequences (strings or token lists)."""
+  a, b = list(a), list(b)
+  if not a and not b:
+    return 1.0
+  row = list(range(len(b) + 1))
+  for i, x in enumerate(a, start=1):
+    previous, row[0] = row[0], i
+    for j, y in enumerate(b, start=1):
+      previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != y))
+  return 1.0 - row[-1] / max(len(a), len(b))
+
+
+def extracted(continuation, reference, threshold: float = 0.9) -> bool:
+  """A greedy continuation reproduces the reference: ROUGE-L recall or normalised edit
+  similarity at least `threshold`."""
+  return (rouge_l_recall(continuation, reference) >= threshold
+          or edit_similarity(_words(continuation), _words(reference)) >= threshold)
+
+
+def perplexity(token_logps) -> float:
+  return float(np.exp(-np.mean(np.concatenate([np.ravel(x) for x in token_logps]))))
+
+
+def adversarial_compression_ratio(target_tokens: int, prompt_tokens: int) -> float:
+  """ACR = target length / length of the shortest prompt that reproduces it (> 1: memorised)."""
+  return target_tokens / prompt_tokens
+
+
+def bootstrap_ci(values, statistic=np.mean, level: float = 0.95, n: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
+  """Percentile bootstrap confidence interval of `statistic` over items."""
+  values = np.asarray(values, float)
+  rng = np.random.default_rng(seed)
+  draws = [statistic(values[rng.integers(0, len(values), len(values))]) for _ in range(n)]
+  tail = (1 - level) / 2 * 100
+  return float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))

@@ -1,0 +1,68 @@
+"""Each metric of method.md section 4 on an example computed by hand."""
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+
+from sinkformer import metrics
+
+
+def test_truth_ratio_and_tofu_aggregates():
+  # P̄(correct) = 0.5; distractors 0.25 and 0.0625 -> geometric mean 0.125 -> TR = 4
+  tr = metrics.truth_ratio([math.log(0.5)], [[math.log(0.25), math.log(0.0625)]])
+  assert tr == pytest.approx([4.0])
+  assert metrics.mean_logprob([math.log(0.5), math.log(0.125)]) == pytest.approx(math.log(0.25))
+  # TR = [4, 0.5] -> R = [0.25, 2]: forget mean(min(R,1/R)) = 0.375, retain mean(max(0,1-R)) = 0.375
+  assert metrics.tofu_forget([4, 0.5]) == pytest.approx(0.375)
+  assert metrics.tofu_retain([4, 0.5]) == pytest.approx(0.375)
+
+
+def test_forget_quality_is_the_ks_p_value():
+  same = np.linspace(0.5, 2.0, 50)
+  assert metrics.forget_quality(same, same) == pytest.approx(1.0)
+  assert metrics.forget_quality(same, same + 10) < 1e-10
+
+
+def test_rouge_exact_memorisation_and_extraction_strength():
+  # LCS("the cat sat on the mat", "the cat is on the mat") = "the cat on the mat" = 5 of 6
+  assert metrics.rouge_l_recall("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+  assert metrics.rouge_l_recall([1, 2, 3], [3, 2, 1]) == pytest.approx(1 / 3)
+  assert metrics.exact_memorization([1, 2, 0, 4], [1, 2, 3, 4]) == 0.75
+  assert metrics.extraction_strength([9, 2, 3, 4], [1, 2, 3, 4]) == 0.75   # k = 1
+  assert metrics.extraction_strength([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+  assert metrics.extraction_strength([1, 2, 3, 0], [1, 2, 3, 4]) == 0.0
+  assert metrics.extraction_strength([1, 0, 3, 4], [1, 2, 3, 4]) == 0.5    # k = 2
+
+
+def test_membership_scores():
+  lps = [-1.0, -2.0, -3.0, -4.0, -5.0]
+  assert metrics.loss_score(lps) == 3.0
+  assert metrics.min_k_score(lps, 0.4) == 4.5                         # lowest two: -5, -4
+  text = "a text to compress"
+  assert metrics.zlib_score(lps, text) == pytest.approx(3.0 / len(zlib.compress(text.encode())))
+  # p = [1/2, 1/4, 1/4]: mu = -1.5 ln2, sigma = 0.5 ln2 -> z = +1 for token 0, -1 for token 1
+  logits = np.log([[0.5, 0.25, 0.25], [0.5, 0.25, 0.25]])
+  np.testing.assert_allclose(metrics.token_zscores(logits, [0, 1]), [1.0, -1.0], atol=1e-9)
+  assert metrics.min_k_plus_plus_score(logits, [0, 1], 0.5) == pytest.approx(1.0)
+
+
+def test_auc_and_privleak():
+  assert metrics.auc([1, 2], [3, 4]) == 1.0      # forgotten documents look like members
+  assert metrics.auc([3, 4], [1, 2]) == 0.0
+  assert metrics.auc([1, 2], [1, 2]) == 0.5      # indistinguishable (ties count half)
+  assert metrics.auc([1, 3], [2, 2]) == 0.5
+  assert metrics.privleak(0.6, 0.5) == pytest.approx(20.0)
+
+
+def test_verbatim_extraction_perplexity_acr_and_ci():
+  assert metrics.edit_similarity("kitten", "sitting") == pytest.approx(1 - 3 / 7)
+  assert metrics.edit_similarity([], []) == 1.0
+  reference = list(range(20))
+  assert metrics.extracted(reference[:19] + [99], reference)        # 19/20 = 0.95
+  assert not metrics.extracted(reference[:10], reference)
+  assert metrics.perplexity([[math.log(0.5)], [math.log(0.125)]]) == pytest.approx(4.0)
+  assert metrics.adversarial_compression_ratio(32, 16) == 2.0
+  low, high = metrics.bootstrap_ci(np.arange(100.0))
+  assert low < 49.5 < high and high - low < 25
