@@ -125,6 +125,19 @@ def _print_manifest(path, m):
   print(f"formats: ArrayRecord ({len(m['shards'])} shards)" + (", TFDS" if m["tfds"] else ""))
 
 
+def _encyclopedia_flags(fv, argv):
+  flags.DEFINE_integer("people", 400, "articles (one fictional person each)", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "generator seed", flag_values=fv)
+  flags.DEFINE_string("out", None, "output directory", flag_values=fv)
+
+
+def _encyclopedia(fv):
+  from sinkformer import encyclopedia
+  counts = encyclopedia.write(fv.out, fv.people, fv.seed)
+  print(f"{fv.out}: " + ", ".join(f"{n:,} {name}" for name, n in counts.items())
+        + f"; prepare it with: sinkformer data prepare --corpus {fv.out}/corpus.jsonl --out DIR")
+
+
 def _data_info_flags(fv, argv):
   flags.DEFINE_string("data", None, "a prepared directory", flag_values=fv)
 
@@ -156,6 +169,8 @@ COMMANDS = {
                    "JSONL", _fetch_flags, _fetch, (), "NAME..."),
     "data prepare": ("tokenize a corpus into ArrayRecord shards with a source catalog and "
                      "manifest", _prepare_flags, _prepare, ("corpus", "out")),
+    "data encyclopedia": ("generate a fictional encyclopedia with unique, shared and inferred "
+                          "facts and their probes", _encyclopedia_flags, _encyclopedia, ("out",)),
     "data info": ("what a prepared directory holds", _data_info_flags, _data_info, ("data",)),
     "bench sinks": ("time the NULL train step against the equal-size dense control",
                     _bench_flags, lambda fv: _bench(fv, "sinks"), ("config",)),
