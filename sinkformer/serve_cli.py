@@ -167,7 +167,62 @@ def _bench_unlearn(fv):
   bench.unlearning(fv.run, fv.catalog, fv.requests)
 
 
+def _oracle_flags(fv, argv):
+  _run_flag(fv)
+  flags.DEFINE_string("forget", None, "sources to leave out: 'a,b,c' or @FILE (keys, titles, "
+                      "ids, groups)", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "where the oracle run goes", flag_values=fv)
+
+
+def _oracle(fv):
+  """The retrain oracle: the run's own config, seed and data order, minus the forget set."""
+  import os
+  from sinkformer import checkpoint, data, serving, switchboard, train
+  cfg = serving.load_config(fv.run)
+  rows = switchboard.Switchboard(fv.run).resolve(data.parse_refs(fv.forget))
+  ckpts, step = checkpoint.locate(os.path.join(fv.run, "checkpoints"))
+  identity = ckpts.meta(step).get("data", {})
+  ckpts.close()
+  builtin = identity.get("corpus") == "builtin"
+  # the very data the run trained on (a fallback or auto-prepared corpus is pinned)
+  if builtin:
+    cfg.data.corpus = "builtin"
+  elif len(identity["corpora"]) == 1:
+    cfg.data.corpus = identity["corpora"][0]["path"]
+  os.makedirs(fv.workdir, exist_ok=True)
+  listing = os.path.join(os.path.abspath(fv.workdir), "forget.txt")
+  with open(listing, "w") as f:   # ids for the built-in corpus, keys for prepared corpora
+    f.write("\n".join(str(r["id"] if builtin else r["key"]) for r in rows) + "\n")
+  cfg.data.exclude = ",".join(filter(None, [cfg.data.exclude, "@" + listing]))
+  print(f"oracle: training {fv.workdir} without {len(rows)} source(s) (listed in {listing})")
+  train.train(cfg, fv.workdir)
+
+
+def _eval_flags(fv, argv):
+  _run_flag(fv)
+  flags.DEFINE_enum("suite", "facts", ["facts"], "what to measure", flag_values=fv)
+  flags.DEFINE_string("facts", None, "probe facts (facts.jsonl from 'sinkformer data "
+                      "encyclopedia')", flag_values=fv)
+  flags.DEFINE_string("forget", None, "the forget set: 'a,b' or @FILE", flag_values=fv)
+  flags.DEFINE_string("oracle", None, "the retrain oracle run ('sinkformer oracle')",
+                      flag_values=fv)
+  flags.DEFINE_string("dense", None, "the dense control run, if any", flag_values=fv)
+  flags.DEFINE_string("out", None, "where results go (default RUN/eval)", flag_values=fv)
+
+
+def _eval(fv):
+  import os
+  from sinkformer import data, evaluate
+  evaluate.facts_suite(fv.run, fv.facts, data.parse_refs(fv.forget), fv.oracle, fv.dense,
+                       fv.out or os.path.join(fv.run, "eval"))
+
+
 COMMANDS = {
+    "oracle": ("train the retrain oracle of a run: same config, seed and order, minus the "
+               "forget set", _oracle_flags, _oracle, ("run", "forget", "workdir")),
+    "eval": ("measure forgetting: Truth Ratios per category under every condition vs the "
+             "retrain oracle (JSON, markdown, plot)", _eval_flags, _eval,
+             ("run", "facts", "forget")),
     "unlearn": ("unlearn sources of a run now: no weight changes, ledgered, transactional",
                 _unlearn_flags, _unlearn, ("run", "reason"), "SOURCE..."),
     "sources list": ("the run's sources and their status", _list_flags, _list, ("run",)),

@@ -1,0 +1,49 @@
+"""The facts suite end to end on a tiny run: encyclopedia -> NULL -> oracle -> table + plot."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+FORGET = "person-000001,person-000002,person-000003"
+
+
+def cli(*args, env_dir):
+  import os
+  env = {**os.environ, "SINKFORMER_DATA": str(env_dir)}
+  return subprocess.run([sys.executable, "-m", "sinkformer", *args], capture_output=True,
+                        text=True, timeout=600, env=env)
+
+
+@pytest.mark.slow
+def test_oracle_and_facts_suite(tmp_path):
+  enc, run, oracle = tmp_path / "enc", tmp_path / "run", tmp_path / "oracle"
+  assert cli("data", "encyclopedia", "--people", "60", "--out", str(enc), env_dir=tmp_path).returncode == 0
+  train = ("--config", "experiments/quickstart.py:smoke", f"--config.data.corpus={enc}/corpus.jsonl",
+           "--config.data.val_sources=6", "--config.train.steps=6")
+  out = cli("train", *train, "--workdir", str(run), env_dir=tmp_path)
+  assert out.returncode == 0, out.stderr
+  args = ("--run", str(run), "--facts", f"{enc}/facts.jsonl", "--forget", FORGET)
+  missing = cli("eval", *args, env_dir=tmp_path)
+  assert missing.returncode == 2 and "sinkformer oracle --run" in missing.stderr
+
+  out = cli("oracle", "--run", str(run), "--forget", FORGET, "--workdir", str(oracle), env_dir=tmp_path)
+  assert out.returncode == 0, out.stderr
+  assert (oracle / "forget.txt").read_text().split() == FORGET.split(",")
+  seen = set()
+  for line in (oracle / "sources.jsonl").read_text().splitlines():
+    seen |= set(json.loads(line)["source_id"])
+  assert seen and not seen & {2, 3, 4}   # the forget sources (ids 2-4) never trained
+
+  out = cli("eval", *args, "--oracle", str(oracle), env_dir=tmp_path)
+  assert out.returncode == 0, out.stderr
+  result = json.loads((run / "eval" / "facts.json").read_text())
+  conditions = {r["condition"] for r in result["rows"]}
+  assert conditions == {"sink-on", "sink-off/exclude", "sink-off/route", "backbone", "placebo",
+                        "retrain"}
+  forget_unique = [r for r in result["rows"] if r["set"] == "forget" and r["category"] == "unique"]
+  assert {r["n"] for r in forget_unique} == {12}   # 3 sources x 4 unique facts
+  assert all(0 <= r["forget_quality"] <= 1 for r in forget_unique if "forget_quality" in r)
+  assert (run / "eval" / "facts_truth_ratio.png").stat().st_size > 10_000
+  assert "| forget | unique | sink-on |" in (run / "eval" / "facts.md").read_text()
