@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from sinkformer import generate, metrics, serving, sinks
+from sinkformer import data as data_lib, generate, metrics, serving, sinks
 from sinkformer.errors import UserError
 
 CATEGORIES = ("unique", "shared", "inferred")
@@ -61,12 +61,44 @@ class Scorer:
                                    [self.server.encode(p) for p in prompts])
     return self.server.router.rank(queries, alive, farthest)
 
+  def condition(self, name: str, prompts: list[str], keys: list[str]):
+    """(row sources, gate mode, exclusion) of a condition for items asked with `prompts`
+    about the sources `keys` (see the module docstring)."""
+    n = len(prompts)
+    if self.server.setup.spec is None:
+      return np.zeros(n, np.int32), "dense", None
+    if name == "sink-on":
+      return self.ids(keys), "source", self.none
+    if name == "backbone":
+      return np.zeros(n, np.int32), "backbone", self.exclude
+    if name == "placebo":
+      return self.routed(prompts, farthest=True), "source", self.exclude
+    # sink-off (the retrain oracle and the dense control are measured this way too)
+    return self.routed(prompts), "source", self.none if name == "sink-off/route" else self.exclude
+
   def mean_logprobs(self, prompts, answers, row_sources, mode: str, exclude) -> np.ndarray:
     tok = self.server.tokenizer
     p = [self.server.encode(x) for x in prompts]
     a = [tok.encode(x) for x in answers]
     total = generate.score(self.server.setup, self.server.params, p, a, row_sources, exclude, mode)
     return total / np.asarray([len(x) for x in a])
+
+
+CONDITIONS = ("sink-on", "sink-off/exclude", "sink-off/route", "backbone", "placebo")
+
+
+def _conditions(run_dir, oracle_dir, dense_dir, forget):
+  """(condition name, scorer) pairs: the run's five, then retrain and dense."""
+  run = Scorer(run_dir, forget)
+  pairs = [(name, run) for name in CONDITIONS] + [("retrain", Scorer(oracle_dir, forget))]
+  return pairs + ([("dense", Scorer(dense_dir, forget))] if dense_dir else [])
+
+
+def _require_oracle(run_dir, oracle_dir, forget):
+  if oracle_dir is None or not os.path.exists(os.path.join(oracle_dir, "config.json")):
+    raise UserError("this suite compares with the retrain oracle; make it with: "
+                    f"sinkformer oracle --run {run_dir} --forget {','.join(forget[:3])}... "
+                    "--workdir ORACLE_DIR, then pass --oracle ORACLE_DIR")
 
 
 def _truth_ratios(scorer: Scorer, facts, sources, mode, exclude) -> np.ndarray:
@@ -82,40 +114,28 @@ def _truth_ratios(scorer: Scorer, facts, sources, mode, exclude) -> np.ndarray:
   return metrics.truth_ratio(per[:, 0], per[:, 1:])
 
 
+def _forget_keys(run_dir, forget) -> set:
+  from sinkformer import switchboard
+  board = switchboard.Switchboard(run_dir)
+  keys = {r["key"] for r in board.resolve(forget)}
+  board.close()
+  return keys
+
+
 def facts_suite(run_dir: str, facts_path: str, forget: list[str], oracle_dir: str | None,
                 dense_dir: str | None, out_dir: str, retained: int = 200) -> dict:
   facts = load_facts(facts_path)
-  if oracle_dir is None or not os.path.exists(os.path.join(oracle_dir, "config.json")):
-    raise UserError("the facts suite compares with the retrain oracle; make it with: "
-                    f"sinkformer oracle --run {run_dir} --forget {','.join(forget[:3])}... "
-                    "--workdir ORACLE_DIR, then pass --oracle ORACLE_DIR")
-  run = Scorer(run_dir, forget)
-  forget_keys = {run.server.board.catalog.get(k)["key"] for k in forget}
+  _require_oracle(run_dir, oracle_dir, forget)
+  forget_keys = _forget_keys(run_dir, forget)
   items = [f for f in facts if f["source"] in forget_keys]
   kept = [f for f in facts if f["source"] not in forget_keys][:retained]
   if not items:
     raise UserError(f"no probe in {facts_path} is about the forget set")
   sets = {"forget": items, "retained": kept}
-  conditions = {
-      "sink-on": lambda s, fs: _truth_ratios(s, fs, s.ids([f["source"] for f in fs]), "source", s.none),
-      "sink-off/exclude": lambda s, fs: _truth_ratios(s, fs, s.routed([f["prompt"] for f in fs]),
-                                                      "source", s.exclude),
-      "sink-off/route": lambda s, fs: _truth_ratios(s, fs, s.routed([f["prompt"] for f in fs]),
-                                                    "source", s.none),
-      "backbone": lambda s, fs: _truth_ratios(s, fs, np.zeros(len(fs), np.int32), "backbone",
-                                              s.exclude),
-      "placebo": lambda s, fs: _truth_ratios(s, fs, s.routed([f["prompt"] for f in fs], True),
-                                             "source", s.exclude),
-  }
   tr = {}
-  for name, fn in conditions.items():
-    tr[name] = {split: fn(run, fs) for split, fs in sets.items()}
-  oracle = Scorer(oracle_dir, forget)
-  tr["retrain"] = {split: conditions["sink-off/exclude"](oracle, fs) for split, fs in sets.items()}
-  if dense_dir:
-    dense = Scorer(dense_dir, forget)
-    tr["dense"] = {split: _truth_ratios(dense, fs, np.zeros(len(fs), np.int32), "dense", None)
-                   for split, fs in sets.items()}
+  for name, scorer in _conditions(run_dir, oracle_dir, dense_dir, forget):
+    tr[name] = {split: _truth_ratios(scorer, fs, *scorer.condition(
+        name, [f["prompt"] for f in fs], [f["source"] for f in fs])) for split, fs in sets.items()}
 
   table = []
   for split, fs in sets.items():
@@ -168,3 +188,99 @@ def _write(out_dir: str, result: dict, tr: dict, sets: dict):
   fig.savefig(os.path.join(out_dir, "facts_truth_ratio.png"), dpi=100)
   plt.close(fig)
   print("\n".join(lines))
+
+
+PREFIX = 32   # tokens of a document given as the prompt (extraction) or routing query
+
+
+def _documents(run_dir: str, forget_ids: np.ndarray, cap: int = 256):
+  """(forget documents, never-seen documents) of a run as [(source id, tokens)], the latter
+  from its held-out validation sources."""
+  cfg, _ = serving.trained_config(run_dir)
+  d = data_lib.load(cfg, log=lambda _: None)
+  seen, unseen = d.seen.docs, d.unseen.docs
+  pick = lambda docs, index: [(int(docs.source_ids[i]), t[:cap])
+                              for i, t in zip(index, docs.read(index))]
+  return (pick(seen, np.flatnonzero(np.isin(seen.source_ids, forget_ids))),
+          pick(unseen, np.flatnonzero(d.unseen.keep)))
+
+
+def _doc_condition(scorer: Scorer, name: str, docs):
+  tok, cat = scorer.server.tokenizer, scorer.server.board.catalog
+  prefixes = [tok.decode(t[:PREFIX + 1]) for _, t in docs]
+  return scorer.condition(name, prefixes, [cat.get(s)["key"] for s, _ in docs])
+
+
+def mia_suite(run_dir: str, forget: list[str], oracle_dir: str, dense_dir: str | None,
+              out_dir: str) -> dict:
+  """Membership-inference AUCs (forget vs never-seen documents) for the loss, zlib, Min-K%
+  and Min-K%++ scores under every condition, and PrivLeak against the retrain oracle."""
+  _require_oracle(run_dir, oracle_dir, forget)
+  rows, aucs = [], {}
+  conditions = _conditions(run_dir, oracle_dir, dense_dir, forget)
+  forget_docs, holdout_docs = _documents(run_dir, conditions[0][1].forget)
+  for name, scorer in conditions:
+    tok = scorer.server.tokenizer
+    scores = {}
+    for split, docs in (("forget", forget_docs), ("holdout", holdout_docs)):
+      sources, mode, exclude = _doc_condition(scorer, name, docs)
+      stats = generate.token_stats(scorer.server.setup, scorer.server.params,
+                                   [list(t) for _, t in docs], sources, exclude, mode)
+      scores[split] = {
+          "loss": [metrics.loss_score(s["logp"]) for s in stats],
+          "zlib": [metrics.zlib_score(s["logp"], tok.decode(t)) for s, (_, t) in zip(stats, docs)],
+          "min_k": [metrics.min_k_score(s["logp"]) for s in stats],
+          "min_k_pp": [metrics.min_k_score((s["logp"] - s["mu"]) / s["sigma"]) for s in stats]}
+    aucs[name] = {k: metrics.auc(scores["forget"][k], scores["holdout"][k]) for k in scores["forget"]}
+  for name, by_score in aucs.items():
+    for score_name, value in by_score.items():
+      rows.append({"condition": name, "score": score_name, "auc": value,
+                   "privleak": metrics.privleak(value, aucs["retrain"][score_name])})
+  result = {"run": run_dir, "oracle": oracle_dir, "rows": rows,
+            "documents": {"forget": len(forget_docs), "holdout": len(holdout_docs)}}
+  _table(out_dir, "mia", result, ["condition", "score", "auc", "privleak"])
+  return result
+
+
+def extraction_suite(run_dir: str, forget: list[str], oracle_dir: str, dense_dir: str | None,
+                     out_dir: str, length: int = PREFIX) -> dict:
+  """Verbatim extraction: the first PREFIX tokens of each forget document as the prompt, a
+  greedy continuation of `length` tokens, extracted when ROUGE-L recall or edit similarity
+  with the true continuation is >= 0.9; the rate per condition."""
+  _require_oracle(run_dir, oracle_dir, forget)
+  rows = []
+  conditions = _conditions(run_dir, oracle_dir, dense_dir, forget)
+  docs = [(s, t) for s, t in _documents(run_dir, conditions[0][1].forget)[0]
+          if len(t) > PREFIX + length]
+  if not docs:
+    raise UserError(f"no forget document is longer than {PREFIX + length} tokens")
+  for name, scorer in conditions:
+    sources, mode, exclude = _doc_condition(scorer, name, docs)
+    out = generate.sample(scorer.server.setup, scorer.server.params,
+                          [list(t[:PREFIX + 1]) for _, t in docs], sources, exclude,
+                          generate.Sampling(max_new=length), mode, eos=-1)
+    truth = [list(t[PREFIX + 1:PREFIX + 1 + length]) for _, t in docs]
+    rouge = [metrics.rouge_l_recall(o, t) for o, t in zip(out, truth)]
+    rows.append({"condition": name, "documents": len(docs),
+                 "extraction_rate": float(np.mean([metrics.extracted(o, t)
+                                                   for o, t in zip(out, truth)])),
+                 "mean_rouge_l": float(np.mean(rouge))})
+  result = {"run": run_dir, "oracle": oracle_dir, "rows": rows}
+  _table(out_dir, "extraction", result, ["condition", "documents", "extraction_rate",
+                                          "mean_rouge_l"])
+  return result
+
+
+def _table(out_dir: str, name: str, result: dict, columns: list[str]):
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in result["rows"]]
+  with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+SUITES = {"mia": mia_suite, "extraction": extraction_suite}

@@ -127,13 +127,37 @@ def _score(setup, mode: str, params, batch, exclude):
   return -nll.sum(1)
 
 
-def score(setup: train.Setup, params, prompts: list[list[int]], answers: list[list[int]],
-          row_sources, exclude, mode: str = "source", batch_size: int = 32) -> np.ndarray:
-  """log p(answer | prompt) summed over the answer's tokens, per item, in a sink mode
-  ("source" with `row_sources`, "backbone", or "dense" for the control)."""
+@partial(jax.jit, static_argnums=(0, 1))
+def _token_stats(setup, mode: str, params, batch, exclude):
+  """Per target token: log p(target), and the mean and std of log p(v) under the model's own
+  distribution (what Min-K%++ normalises by)."""
+  logp = jax.nn.log_softmax(train.logits_in_mode(setup, params, batch, mode, exclude), -1)
+  target = jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+  p = jnp.exp(logp)
+  mu = (p * logp).sum(-1)
+  sigma = jnp.sqrt(jnp.maximum((p * logp ** 2).sum(-1) - mu ** 2, 1e-12))
+  return target, mu, sigma
+
+
+def token_stats(setup: train.Setup, params, documents: list[list[int]], row_sources, exclude,
+                mode: str = "source", batch_size: int = 32) -> list[dict]:
+  """For each document (token ids, BOS first): per-token log p, mu and sigma of its targets."""
+  n = len(documents)
+  rows = _rows([[d[0]] for d in documents], [list(d[1:]) for d in documents], row_sources,
+               batch_size)
+  out = []
+  for start, batch in rows:
+    got = [np.asarray(x) for x in _token_stats(setup, mode, params, batch, exclude)]
+    for r in range(min(n, start + batch_size) - start):
+      keep = batch["loss_mask"][r].astype(bool)
+      out.append({"logp": got[0][r][keep], "mu": got[1][r][keep], "sigma": got[2][r][keep]})
+  return out
+
+
+def _rows(prompts, answers, row_sources, batch_size: int):
+  """(start, batch) of fixed-shape rows: prompt + answer, the loss on the answer only."""
   n = len(prompts)
   length = _bucket(max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True)))
-  out = np.zeros(n)
   for start in range(0, n, batch_size):
     batch = {f: np.zeros((batch_size, length), np.int32) for f in
              ("tokens", "targets", "loss_mask", "positions", "segment_ids")}
@@ -148,6 +172,16 @@ def score(setup: train.Setup, params, prompts: list[list[int]], answers: list[li
       rows[r] = row_sources[i]
     batch["source_ids"] = batch["segment_ids"] * rows[:, None]
     batch["row_sources"] = rows
+    yield start, batch
+
+
+def score(setup: train.Setup, params, prompts: list[list[int]], answers: list[list[int]],
+          row_sources, exclude, mode: str = "source", batch_size: int = 32) -> np.ndarray:
+  """log p(answer | prompt) summed over the answer's tokens, per item, in a sink mode
+  ("source" with `row_sources`, "backbone", or "dense" for the control)."""
+  n = len(prompts)
+  out = np.zeros(n)
+  for start, batch in _rows(prompts, answers, row_sources, batch_size):
     got = np.asarray(_score(setup, mode, params, batch, exclude))
     out[start:start + batch_size] = got[:min(n, start + batch_size) - start]
   return out

@@ -119,7 +119,10 @@ def auc(forget_scores, holdout_scores) -> float:
 
 
 def privleak(auc_unlearned: float, auc_retrain: float) -> float:
-  """(AUC_unlearned - AUC_retrain) / AUC_retrain * 100: ~0 is ideal."""
+  """(AUC_unlearned - AUC_retrain) / AUC_retrain * 100: ~0 is ideal (NaN when AUC_retrain
+  is 0, where it is undefined)."""
+  if auc_retrain == 0:
+    return float("nan")
   return (auc_unlearned - auc_retrain) / auc_retrain * 100.0
 
 

@@ -177,18 +177,10 @@ def _oracle_flags(fv, argv):
 def _oracle(fv):
   """The retrain oracle: the run's own config, seed and data order, minus the forget set."""
   import os
-  from sinkformer import checkpoint, data, serving, switchboard, train
-  cfg = serving.load_config(fv.run)
+  from sinkformer import data, serving, switchboard, train
+  cfg, identity = serving.trained_config(fv.run)   # the very data the run trained on
   rows = switchboard.Switchboard(fv.run).resolve(data.parse_refs(fv.forget))
-  ckpts, step = checkpoint.locate(os.path.join(fv.run, "checkpoints"))
-  identity = ckpts.meta(step).get("data", {})
-  ckpts.close()
   builtin = identity.get("corpus") == "builtin"
-  # the very data the run trained on (a fallback or auto-prepared corpus is pinned)
-  if builtin:
-    cfg.data.corpus = "builtin"
-  elif len(identity["corpora"]) == 1:
-    cfg.data.corpus = identity["corpora"][0]["path"]
   os.makedirs(fv.workdir, exist_ok=True)
   listing = os.path.join(os.path.abspath(fv.workdir), "forget.txt")
   with open(listing, "w") as f:   # ids for the built-in corpus, keys for prepared corpora
@@ -200,9 +192,10 @@ def _oracle(fv):
 
 def _eval_flags(fv, argv):
   _run_flag(fv)
-  flags.DEFINE_enum("suite", "facts", ["facts"], "what to measure", flag_values=fv)
-  flags.DEFINE_string("facts", None, "probe facts (facts.jsonl from 'sinkformer data "
-                      "encyclopedia')", flag_values=fv)
+  flags.DEFINE_enum("suite", "facts", ["facts", "mia", "extraction"], "what to measure",
+                    flag_values=fv)
+  flags.DEFINE_string("facts", None, "probe facts for --suite facts (facts.jsonl from "
+                      "'sinkformer data encyclopedia')", flag_values=fv)
   flags.DEFINE_string("forget", None, "the forget set: 'a,b' or @FILE", flag_values=fv)
   flags.DEFINE_string("oracle", None, "the retrain oracle run ('sinkformer oracle')",
                       flag_values=fv)
@@ -213,8 +206,13 @@ def _eval_flags(fv, argv):
 def _eval(fv):
   import os
   from sinkformer import data, evaluate
-  evaluate.facts_suite(fv.run, fv.facts, data.parse_refs(fv.forget), fv.oracle, fv.dense,
-                       fv.out or os.path.join(fv.run, "eval"))
+  forget, out = data.parse_refs(fv.forget), fv.out or os.path.join(fv.run, "eval")
+  if fv.suite == "facts":
+    if not fv.facts:
+      raise UserError("--suite facts needs --facts FILE (from 'sinkformer data encyclopedia')")
+    evaluate.facts_suite(fv.run, fv.facts, forget, fv.oracle, fv.dense, out)
+  else:
+    evaluate.SUITES[fv.suite](fv.run, forget, fv.oracle, fv.dense, out)
 
 
 COMMANDS = {
@@ -222,7 +220,7 @@ COMMANDS = {
                "forget set", _oracle_flags, _oracle, ("run", "forget", "workdir")),
     "eval": ("measure forgetting: Truth Ratios per category under every condition vs the "
              "retrain oracle (JSON, markdown, plot)", _eval_flags, _eval,
-             ("run", "facts", "forget")),
+             ("run", "forget")),
     "unlearn": ("unlearn sources of a run now: no weight changes, ledgered, transactional",
                 _unlearn_flags, _unlearn, ("run", "reason"), "SOURCE..."),
     "sources list": ("the run's sources and their status", _list_flags, _list, ("run",)),

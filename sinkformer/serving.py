@@ -79,6 +79,20 @@ def load_config(run_dir: str):
   return ml_collections.ConfigDict(raw)
 
 
+def trained_config(run_dir: str):
+  """(config, data identity) of a run, with data.corpus pinned to what it really trained on
+  (a fallback or a corpus prepared by the trainer)."""
+  cfg = load_config(run_dir)
+  ckpts, step = checkpoint.locate(os.path.join(run_dir, "checkpoints"))
+  identity = ckpts.meta(step).get("data", {"corpus": "builtin"})
+  ckpts.close()
+  if identity.get("corpus") == "builtin":
+    cfg.data.corpus = "builtin"
+  elif len(identity["corpora"]) == 1:
+    cfg.data.corpus = identity["corpora"][0]["path"]
+  return cfg, identity
+
+
 def run_tokenizer(cfg, identity: dict):
   """The tokenizer a run was trained with: the built-in words or its corpus' SentencePiece."""
   if identity.get("corpus") == "builtin":

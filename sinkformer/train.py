@@ -108,14 +108,19 @@ def resume_or_init(setup: Setup, ckpts: checkpoint.Checkpoints, data_identity: d
   return state
 
 
-def token_losses(setup: Setup, params, batch, mode: str = "train", exclude=None):
-  """(nll[B, T] masked to real targets, mask[B, T]) under an apply mode of sinks.MODES."""
+def logits_in_mode(setup: Setup, params, batch, mode: str = "train", exclude=None):
+  """The model's logits [B, T, V] on packed rows under an apply mode of sinks.MODES."""
   gate = None
   if setup.spec is not None and mode != "dense":
     gate = sinks.make_gate(setup.spec, mode, segment_ids=batch["segment_ids"],
                            source_ids=batch["source_ids"], row_sources=batch.get("row_sources"),
                            exclude=exclude, max_docs=setup.max_docs)
-  logits = model.apply(setup.graphdef, params, batch, gate)
+  return model.apply(setup.graphdef, params, batch, gate)
+
+
+def token_losses(setup: Setup, params, batch, mode: str = "train", exclude=None):
+  """(nll[B, T] masked to real targets, mask[B, T]) under an apply mode of sinks.MODES."""
+  logits = logits_in_mode(setup, params, batch, mode, exclude)
   mask = batch["loss_mask"].astype(jnp.float32)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]) * mask
   return nll, mask

@@ -1,6 +1,7 @@
 """The facts suite end to end on a tiny run: encyclopedia -> NULL -> oracle -> table + plot."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -47,3 +48,14 @@ def test_oracle_and_facts_suite(tmp_path):
   assert all(0 <= r["forget_quality"] <= 1 for r in forget_unique if "forget_quality" in r)
   assert (run / "eval" / "facts_truth_ratio.png").stat().st_size > 10_000
   assert "| forget | unique | sink-on |" in (run / "eval" / "facts.md").read_text()
+
+  for suite, column in (("mia", "privleak"), ("extraction", "extraction_rate")):
+    out = cli("eval", "--suite", suite, "--run", str(run), "--forget", FORGET, "--oracle",
+              str(oracle), env_dir=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((run / "eval" / f"{suite}.json").read_text())["rows"]
+    assert {r["condition"] for r in rows} == conditions and all(column in r for r in rows)
+  mia = json.loads((run / "eval" / "mia.json").read_text())
+  assert mia["documents"] == {"forget": 3, "holdout": 6}
+  assert all(r["privleak"] == 0 or math.isnan(r["privleak"]) for r in mia["rows"]
+             if r["condition"] == "retrain")

@@ -54,6 +54,7 @@ def test_auc_and_privleak():
   assert metrics.auc([1, 2], [1, 2]) == 0.5      # indistinguishable (ties count half)
   assert metrics.auc([1, 3], [2, 2]) == 0.5
   assert metrics.privleak(0.6, 0.5) == pytest.approx(20.0)
+  assert math.isnan(metrics.privleak(0.6, 0.0))
 
 
 def test_verbatim_extraction_perplexity_acr_and_ci():
