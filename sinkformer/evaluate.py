@@ -9,7 +9,8 @@ changed):
   backbone           no sinks
   placebo            the farthest surviving source's sinks, F's units zeroed
   retrain            the oracle (same config, seed and order, F never seen), sink-off/exclude
-  dense              the dense control, if given
+  others             named runs, e.g. dense (the control) and ga/graddiff/npo (post-hoc
+                     unlearned copies of it, `sinkformer posthoc`)
 """
 
 from __future__ import annotations
@@ -87,11 +88,12 @@ class Scorer:
 CONDITIONS = ("sink-on", "sink-off/exclude", "sink-off/route", "backbone", "placebo")
 
 
-def _conditions(run_dir, oracle_dir, dense_dir, forget):
-  """(condition name, scorer) pairs: the run's five, then retrain and dense."""
+def _conditions(run_dir, oracle_dir, others: dict, forget):
+  """(condition name, scorer) pairs: the run's five, retrain, then `others` ({name: run},
+  e.g. the dense control and its post-hoc unlearned copies), each in its own sink-off path."""
   run = Scorer(run_dir, forget)
   pairs = [(name, run) for name in CONDITIONS] + [("retrain", Scorer(oracle_dir, forget))]
-  return pairs + ([("dense", Scorer(dense_dir, forget))] if dense_dir else [])
+  return pairs + [(name, Scorer(path, forget)) for name, path in others.items()]
 
 
 def _require_oracle(run_dir, oracle_dir, forget):
@@ -123,7 +125,7 @@ def _forget_keys(run_dir, forget) -> set:
 
 
 def facts_suite(run_dir: str, facts_path: str, forget: list[str], oracle_dir: str | None,
-                dense_dir: str | None, out_dir: str, retained: int = 200) -> dict:
+                others: dict, out_dir: str, retained: int = 200) -> dict:
   facts = load_facts(facts_path)
   _require_oracle(run_dir, oracle_dir, forget)
   forget_keys = _forget_keys(run_dir, forget)
@@ -133,7 +135,7 @@ def facts_suite(run_dir: str, facts_path: str, forget: list[str], oracle_dir: st
     raise UserError(f"no probe in {facts_path} is about the forget set")
   sets = {"forget": items, "retained": kept}
   tr = {}
-  for name, scorer in _conditions(run_dir, oracle_dir, dense_dir, forget):
+  for name, scorer in _conditions(run_dir, oracle_dir, others, forget):
     tr[name] = {split: _truth_ratios(scorer, fs, *scorer.condition(
         name, [f["prompt"] for f in fs], [f["source"] for f in fs])) for split, fs in sets.items()}
 
@@ -150,7 +152,7 @@ def facts_suite(run_dir: str, facts_path: str, forget: list[str], oracle_dir: st
         if name != "retrain":
           row["forget_quality"] = metrics.forget_quality(values, tr["retrain"][split][mask])
         table.append(row)
-  result = {"run": run_dir, "oracle": oracle_dir, "dense": dense_dir, "forget": sorted(forget_keys),
+  result = {"run": run_dir, "oracle": oracle_dir, "others": others, "forget": sorted(forget_keys),
             "policy_note": "sink-off/exclude zeroes F's units; sink-off/route does not",
             "rows": table,
             "truth_ratios": {c: {s: v.tolist() for s, v in d.items()} for c, d in tr.items()}}
@@ -205,19 +207,77 @@ def _documents(run_dir: str, forget_ids: np.ndarray, cap: int = 256):
           pick(unseen, np.flatnonzero(d.unseen.keep)))
 
 
+def _retained_documents(run_dir: str, forget_ids, count: int, cap: int):
+  """The first `count` training documents of sources outside the forget set."""
+  cfg, _ = serving.trained_config(run_dir)
+  seen = data_lib.load(cfg, log=lambda _: None).seen
+  index = np.flatnonzero(seen.keep & ~np.isin(seen.docs.source_ids, forget_ids))[:count]
+  return [(int(seen.docs.source_ids[i]), t[:cap]) for i, t in zip(index, seen.docs.read(index))]
+
+
+def relearn_suite(run_dir: str, forget: list[str], oracle_dir: str, others: dict, out_dir: str,
+                  steps: int = 10, lr: float = 1e-3) -> dict:
+  """The relearning attack: fine-tune each model on half of the forget documents (A) for
+  `steps` steps and measure the mean token NLL of the other half (B) after each step. The
+  NULL and the oracle are attacked through the deployed sink-off path (routed source,
+  forget set excluded); other runs through their own path."""
+  from sinkformer import posthoc
+  _require_oracle(run_dir, oracle_dir, forget)
+  conditions = [(n, s) for n, s in _conditions(run_dir, oracle_dir, others, forget)
+                if n in ("sink-off/exclude", "retrain") or n in others]
+  cfg, _ = serving.trained_config(run_dir)
+  docs = _documents(run_dir, conditions[0][1].forget, cap=cfg.data.seq_len)[0]
+  if len(docs) < 2:
+    raise UserError("the relearning attack needs at least two forget documents")
+  part_a, part_b = docs[::2], docs[1::2]
+  curves = {}
+  for name, scorer in conditions:
+    batches = {}
+    for part, chosen in (("a", part_a), ("b", part_b)):
+      sources, mode, exclude = _doc_condition(scorer, name, chosen)
+      batches[part] = posthoc.rows([list(t) for _, t in chosen], sources, 8)
+    tuner = posthoc.Finetuner(scorer.server.setup, scorer.server.params, "relearn", lr,
+                              mode=mode, exclude=exclude)
+    measure = lambda: posthoc.nll(scorer.server.setup, tuner.params, batches["b"], mode, exclude)
+    curve = [measure()]
+    for i in range(steps):
+      tuner.step(batches["a"][i % len(batches["a"])])
+      curve.append(measure())
+    curves[name] = curve
+  result = {"run": run_dir, "oracle": oracle_dir, "steps": steps, "lr": lr,
+            "attack_path": "sink-off/exclude for the NULL and the oracle; own path otherwise",
+            "documents": {"finetune": len(part_a), "measured": len(part_b)}, "curves": curves,
+            "rows": [{"condition": n, "before": c[0], "after": c[-1], "drop": c[0] - c[-1]}
+                     for n, c in curves.items()]}
+  _table(out_dir, "relearn", result, ["condition", "before", "after", "drop"])
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, curve in curves.items():
+    ax.plot(range(len(curve)), curve, marker="o", label=name)
+  ax.set_xlabel("fine-tuning steps on half of the forget set")
+  ax.set_ylabel("NLL per token on the other half")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "relearn.png"), dpi=100)
+  plt.close(fig)
+  return result
+
+
 def _doc_condition(scorer: Scorer, name: str, docs):
   tok, cat = scorer.server.tokenizer, scorer.server.board.catalog
   prefixes = [tok.decode(t[:PREFIX + 1]) for _, t in docs]
   return scorer.condition(name, prefixes, [cat.get(s)["key"] for s, _ in docs])
 
 
-def mia_suite(run_dir: str, forget: list[str], oracle_dir: str, dense_dir: str | None,
+def mia_suite(run_dir: str, forget: list[str], oracle_dir: str, others: dict,
               out_dir: str) -> dict:
   """Membership-inference AUCs (forget vs never-seen documents) for the loss, zlib, Min-K%
   and Min-K%++ scores under every condition, and PrivLeak against the retrain oracle."""
   _require_oracle(run_dir, oracle_dir, forget)
   rows, aucs = [], {}
-  conditions = _conditions(run_dir, oracle_dir, dense_dir, forget)
+  conditions = _conditions(run_dir, oracle_dir, others, forget)
   forget_docs, holdout_docs = _documents(run_dir, conditions[0][1].forget)
   for name, scorer in conditions:
     tok = scorer.server.tokenizer
@@ -242,14 +302,14 @@ def mia_suite(run_dir: str, forget: list[str], oracle_dir: str, dense_dir: str |
   return result
 
 
-def extraction_suite(run_dir: str, forget: list[str], oracle_dir: str, dense_dir: str | None,
+def extraction_suite(run_dir: str, forget: list[str], oracle_dir: str, others: dict,
                      out_dir: str, length: int = PREFIX) -> dict:
   """Verbatim extraction: the first PREFIX tokens of each forget document as the prompt, a
   greedy continuation of `length` tokens, extracted when ROUGE-L recall or edit similarity
   with the true continuation is >= 0.9; the rate per condition."""
   _require_oracle(run_dir, oracle_dir, forget)
   rows = []
-  conditions = _conditions(run_dir, oracle_dir, dense_dir, forget)
+  conditions = _conditions(run_dir, oracle_dir, others, forget)
   docs = [(s, t) for s, t in _documents(run_dir, conditions[0][1].forget)[0]
           if len(t) > PREFIX + length]
   if not docs:
@@ -283,4 +343,4 @@ def _table(out_dir: str, name: str, result: dict, columns: list[str]):
   print("\n".join(lines))
 
 
-SUITES = {"mia": mia_suite, "extraction": extraction_suite}
+SUITES = {"mia": mia_suite, "extraction": extraction_suite, "relearn": relearn_suite}

@@ -192,14 +192,18 @@ def _oracle(fv):
 
 def _eval_flags(fv, argv):
   _run_flag(fv)
-  flags.DEFINE_enum("suite", "facts", ["facts", "mia", "extraction"], "what to measure",
-                    flag_values=fv)
+  flags.DEFINE_enum("suite", "facts", ["facts", "mia", "extraction", "relearn"],
+                    "what to measure", flag_values=fv)
   flags.DEFINE_string("facts", None, "probe facts for --suite facts (facts.jsonl from "
                       "'sinkformer data encyclopedia')", flag_values=fv)
   flags.DEFINE_string("forget", None, "the forget set: 'a,b' or @FILE", flag_values=fv)
   flags.DEFINE_string("oracle", None, "the retrain oracle run ('sinkformer oracle')",
                       flag_values=fv)
   flags.DEFINE_string("dense", None, "the dense control run, if any", flag_values=fv)
+  flags.DEFINE_multi_string("posthoc", [], "NAME=RUN: a post-hoc unlearned run to compare "
+                            "('sinkformer posthoc'); repeatable", flag_values=fv)
+  flags.DEFINE_integer("steps", 10, "relearn: fine-tuning steps", flag_values=fv)
+  flags.DEFINE_float("lr", 1e-3, "relearn: fine-tuning learning rate", flag_values=fv)
   flags.DEFINE_string("out", None, "where results go (default RUN/eval)", flag_values=fv)
 
 
@@ -207,15 +211,46 @@ def _eval(fv):
   import os
   from sinkformer import data, evaluate
   forget, out = data.parse_refs(fv.forget), fv.out or os.path.join(fv.run, "eval")
+  others = {"dense": fv.dense} if fv.dense else {}
+  for item in fv.posthoc:
+    name, eq, path = item.partition("=")
+    if not eq:
+      raise UserError(f"--posthoc {item!r}: use NAME=RUN_DIR")
+    others[name] = path
   if fv.suite == "facts":
     if not fv.facts:
       raise UserError("--suite facts needs --facts FILE (from 'sinkformer data encyclopedia')")
-    evaluate.facts_suite(fv.run, fv.facts, forget, fv.oracle, fv.dense, out)
+    evaluate.facts_suite(fv.run, fv.facts, forget, fv.oracle, others, out)
+  elif fv.suite == "relearn":
+    evaluate.relearn_suite(fv.run, forget, fv.oracle, others, out, fv.steps, fv.lr)
   else:
-    evaluate.SUITES[fv.suite](fv.run, forget, fv.oracle, fv.dense, out)
+    evaluate.SUITES[fv.suite](fv.run, forget, fv.oracle, others, out)
+
+
+def _posthoc_flags(fv, argv):
+  _run_flag(fv)
+  flags.DEFINE_string("forget", None, "sources to unlearn: 'a,b' or @FILE", flag_values=fv)
+  flags.DEFINE_enum("method", "npo", ["ga", "graddiff", "npo"], "post-hoc method",
+                    flag_values=fv)
+  flags.DEFINE_integer("steps", 10, "optimizer steps (batches of the forget set, cycling)",
+                       flag_values=fv)
+  flags.DEFINE_float("lr", 1e-4, "learning rate", flag_values=fv)
+  flags.DEFINE_float("beta", 0.1, "NPO's beta", flag_values=fv)
+  flags.DEFINE_integer("retain", 64, "retain documents (graddiff, npo)", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "the unlearned copy (a run directory)", flag_values=fv)
+
+
+def _posthoc(fv):
+  from sinkformer import data, posthoc
+  posthoc.unlearn(fv.run, data.parse_refs(fv.forget), fv.method, fv.steps, fv.lr, fv.beta,
+                  fv.workdir, retain=fv.retain)
+  print(f"{fv.method}: unlearned copy written to {fv.workdir}")
 
 
 COMMANDS = {
+    "posthoc": ("post-hoc unlearning baselines (gradient ascent, GradDiff, NPO) on a run, "
+                "normally the dense control", _posthoc_flags, _posthoc,
+                ("run", "forget", "workdir")),
     "oracle": ("train the retrain oracle of a run: same config, seed and order, minus the "
                "forget set", _oracle_flags, _oracle, ("run", "forget", "workdir")),
     "eval": ("measure forgetting: Truth Ratios per category under every condition vs the "

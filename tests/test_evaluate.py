@@ -59,3 +59,20 @@ def test_oracle_and_facts_suite(tmp_path):
   assert mia["documents"] == {"forget": 3, "holdout": 6}
   assert all(r["privleak"] == 0 or math.isnan(r["privleak"]) for r in mia["rows"]
              if r["condition"] == "retrain")
+
+  # the dense control, an NPO copy of it, and the relearning attack on everything
+  dense, npo = tmp_path / "dense", tmp_path / "npo"
+  out = cli("train", *train[:1], "experiments/quickstart.py:smoke,dense", *train[2:],
+            "--workdir", str(dense), env_dir=tmp_path)
+  assert out.returncode == 0, out.stderr
+  out = cli("posthoc", "--run", str(dense), "--forget", FORGET, "--method", "npo", "--steps", "2",
+            "--workdir", str(npo), env_dir=tmp_path)
+  assert out.returncode == 0, out.stderr
+  out = cli("eval", "--suite", "relearn", "--run", str(run), "--forget", FORGET, "--oracle",
+            str(oracle), "--dense", str(dense), "--posthoc", f"npo={npo}", "--steps", "2",
+            env_dir=tmp_path)
+  assert out.returncode == 0, out.stderr
+  relearn = json.loads((run / "eval" / "relearn.json").read_text())
+  assert set(relearn["curves"]) == {"sink-off/exclude", "retrain", "dense", "npo"}
+  assert all(len(c) == 3 for c in relearn["curves"].values())
+  assert (run / "eval" / "relearn.png").exists()
