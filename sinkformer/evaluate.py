@@ -4,6 +4,7 @@ by side, against the retrain oracle (method.md sections 2-4).
 Conditions (the forget set F is treated as unlearned; the run's own switchboard is not
 changed):
   sink-on            each fact's own source's sinks (the "knows it" reference)
+  sink-on/excluded   the same with F's units zeroed: what excluding F costs retained sources
   sink-off/exclude   the nearest surviving source's sinks, F's units zeroed (deployed)
   sink-off/route     the nearest surviving source's sinks, nothing zeroed
   backbone           no sinks
@@ -68,8 +69,8 @@ class Scorer:
     n = len(prompts)
     if self.server.setup.spec is None:
       return np.zeros(n, np.int32), "dense", None
-    if name == "sink-on":
-      return self.ids(keys), "source", self.none
+    if name in ("sink-on", "sink-on/excluded"):
+      return self.ids(keys), "source", self.none if name == "sink-on" else self.exclude
     if name == "backbone":
       return np.zeros(n, np.int32), "backbone", self.exclude
     if name == "placebo":
@@ -85,7 +86,8 @@ class Scorer:
     return total / np.asarray([len(x) for x in a])
 
 
-CONDITIONS = ("sink-on", "sink-off/exclude", "sink-off/route", "backbone", "placebo")
+CONDITIONS = ("sink-on", "sink-on/excluded", "sink-off/exclude", "sink-off/route", "backbone",
+              "placebo")
 
 
 def _conditions(run_dir, oracle_dir, others: dict, forget):
@@ -276,7 +278,7 @@ def mia_suite(run_dir: str, forget: list[str], oracle_dir: str, others: dict,
   """Membership-inference AUCs (forget vs never-seen documents) for the loss, zlib, Min-K%
   and Min-K%++ scores under every condition, and PrivLeak against the retrain oracle."""
   _require_oracle(run_dir, oracle_dir, forget)
-  rows, aucs = [], {}
+  rows, aucs, means = [], {}, {}
   conditions = _conditions(run_dir, oracle_dir, others, forget)
   forget_docs, holdout_docs = _documents(run_dir, conditions[0][1].forget)
   for name, scorer in conditions:
@@ -292,13 +294,17 @@ def mia_suite(run_dir: str, forget: list[str], oracle_dir: str, others: dict,
           "min_k": [metrics.min_k_score(s["logp"]) for s in stats],
           "min_k_pp": [metrics.min_k_score((s["logp"] - s["mu"]) / s["sigma"]) for s in stats]}
     aucs[name] = {k: metrics.auc(scores["forget"][k], scores["holdout"][k]) for k in scores["forget"]}
+    means[name] = {split: float(np.mean(scores[split]["loss"])) for split in scores}
   for name, by_score in aucs.items():
     for score_name, value in by_score.items():
       rows.append({"condition": name, "score": score_name, "auc": value,
-                   "privleak": metrics.privleak(value, aucs["retrain"][score_name])})
+                   "privleak": metrics.privleak(value, aucs["retrain"][score_name]),
+                   # memory left behind: loss on forgotten vs never-seen documents
+                   "forget_loss": means[name]["forget"], "holdout_loss": means[name]["holdout"]})
   result = {"run": run_dir, "oracle": oracle_dir, "rows": rows,
             "documents": {"forget": len(forget_docs), "holdout": len(holdout_docs)}}
-  _table(out_dir, "mia", result, ["condition", "score", "auc", "privleak"])
+  _table(out_dir, "mia", result, ["condition", "score", "auc", "privleak", "forget_loss",
+                                   "holdout_loss"])
   return result
 
 

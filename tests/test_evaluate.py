@@ -41,8 +41,8 @@ def test_oracle_and_facts_suite(tmp_path):
   assert out.returncode == 0, out.stderr
   result = json.loads((run / "eval" / "facts.json").read_text())
   conditions = {r["condition"] for r in result["rows"]}
-  assert conditions == {"sink-on", "sink-off/exclude", "sink-off/route", "backbone", "placebo",
-                        "retrain"}
+  assert conditions == {"sink-on", "sink-on/excluded", "sink-off/exclude", "sink-off/route",
+                        "backbone", "placebo", "retrain"}
   forget_unique = [r for r in result["rows"] if r["set"] == "forget" and r["category"] == "unique"]
   assert {r["n"] for r in forget_unique} == {12}   # 3 sources x 4 unique facts
   assert all(0 <= r["forget_quality"] <= 1 for r in forget_unique if "forget_quality" in r)
@@ -57,6 +57,7 @@ def test_oracle_and_facts_suite(tmp_path):
     assert {r["condition"] for r in rows} == conditions and all(column in r for r in rows)
   mia = json.loads((run / "eval" / "mia.json").read_text())
   assert mia["documents"] == {"forget": 3, "holdout": 6}
+  assert all(r["forget_loss"] > 0 and r["holdout_loss"] > 0 for r in mia["rows"])
   assert all(r["privleak"] == 0 or math.isnan(r["privleak"]) for r in mia["rows"]
              if r["condition"] == "retrain")
 
