@@ -34,6 +34,19 @@ def _train(fv):
   train.train(fv.config, fv.workdir)
 
 
+def _story_flags(fv, argv):
+  _train_flags(fv, argv)
+  flags.DEFINE_integer("people", 400, "articles in the generated encyclopedia", flag_values=fv)
+  flags.DEFINE_integer("forget", 20, "sources to unlearn", flag_values=fv)
+  flags.DEFINE_integer("steps", 10, "post-hoc and relearning steps", flag_values=fv)
+
+
+def _story(fv):
+  from sinkformer import story
+  story.run(fv.config, fv.workdir, fv.people, fv.forget, posthoc_steps=fv.steps,
+            relearn_steps=fv.steps)
+
+
 def _bench_flags(fv, argv):
   define_config_flag(fv, argv)
   flags.DEFINE_integer("rounds", 30, "timed rounds (each times every variant once)",
@@ -157,6 +170,9 @@ def _plan(fv):
 
 
 COMMANDS = {
+    "story": ("the whole experiment: encyclopedia, NULL, retrain oracle, dense control, "
+              "post-hoc baselines, unlearning, and every measurement side by side",
+              _story_flags, _story, ("config", "workdir")),
     "train": ("train a NULL (or the dense control) from an experiment config",
               _train_flags, _train, ("config", "workdir")),
     "plan": ("parameters, FLOPs/token and per-device memory of a config's mesh, before "
