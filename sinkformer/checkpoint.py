@@ -9,7 +9,6 @@ so a process killed mid-save leaves nothing that restore would pick up.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 

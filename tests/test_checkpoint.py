@@ -1,7 +1,6 @@
 """Checkpoints: exact resume after SIGKILL / SIGTERM, damaged checkpoints, wrong configs."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
