@@ -326,4 +326,25 @@ def unlearning(run_dir: str, catalog: str | None = None, requests: int = 200,
   return result
 
 
+def probes(run_dir: str, facts_path: str, count: int = 1000) -> dict:
+  """Seconds to score `count` probe facts (answer + distractors) under one condition
+  (sink-off/exclude), after one warm-up batch has compiled."""
+  from sinkformer import evaluate
+  facts = evaluate.load_facts(facts_path)[:count]
+  scorer = evaluate.Scorer(run_dir, [facts[0]["source"]])
+  def timed(items) -> float:
+    t0 = time.perf_counter()
+    evaluate._truth_ratios(scorer, items, *scorer.condition(
+        "sink-off/exclude", [f["prompt"] for f in items], [f["source"] for f in items]))
+    return time.perf_counter() - t0
+  timed(facts[:32])
+  seconds = timed(facts)
+  result = {"bench": "probes", "probes": len(facts),
+            "candidates": len(facts) * (1 + len(facts[0]["distractors"])), "seconds": seconds}
+  print(f"{len(facts):,} probes ({result['candidates']:,} scored answers), one condition: "
+        f"{seconds:.1f} s")
+  print(json.dumps(result))
+  return result
+
+
 BENCHES = {"sinks": sinks, "checkpoint": checkpoints, "stream": stream, "devices": devices}

@@ -155,6 +155,18 @@ def _bench_route(fv):
           f"title back to it ({n:,} sources)")
 
 
+def _bench_probes_flags(fv, argv):
+  _run_flag(fv)
+  flags.DEFINE_string("facts", None, "facts.jsonl ('sinkformer data encyclopedia')",
+                      flag_values=fv)
+  flags.DEFINE_integer("count", 1000, "probes to score", flag_values=fv)
+
+
+def _bench_probes(fv):
+  from sinkformer import bench
+  bench.probes(fv.run, fv.facts, fv.count)
+
+
 def _bench_unlearn_flags(fv, argv):
   _run_flag(fv)
   flags.DEFINE_string("catalog", None, "a prepared catalog.sqlite to unlearn from (e.g. the "
@@ -273,6 +285,8 @@ COMMANDS = {
                        _bench_run_flags, _bench_generate, ("run",)),
     "bench route": ("routing top-1 accuracy: each surviving source's title routed back to it",
                     _show_flags, _bench_route, ("run",)),
+    "bench probes": ("seconds to score N probe facts under one condition (batched)",
+                     _bench_probes_flags, _bench_probes, ("run", "facts")),
     "bench unlearn": ("unlearn latency, request to effect on the next generation",
                       _bench_unlearn_flags, _bench_unlearn, ("run",)),
 }

@@ -61,6 +61,10 @@ def test_oracle_and_facts_suite(tmp_path):
   assert all(r["privleak"] == 0 or math.isnan(r["privleak"]) for r in mia["rows"]
              if r["condition"] == "retrain")
 
+  bench = cli("bench", "probes", "--run", str(run), "--facts", f"{enc}/facts.jsonl", "--count",
+              "50", env_dir=tmp_path)
+  assert bench.returncode == 0 and json.loads(bench.stdout.splitlines()[-1])["probes"] == 50
+
   # the dense control, an NPO copy of it, and the relearning attack on everything
   dense, npo = tmp_path / "dense", tmp_path / "npo"
   out = cli("train", *train[:1], "experiments/quickstart.py:smoke,dense", *train[2:],
