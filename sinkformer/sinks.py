@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 MLP_SALT, ATTN_SALT = 0, 1  # separate pools drawn from one seed never correlate
-MODES = ("train", "source", "backbone", "dense")
+MODES = ("train", "source", "backbone", "mlp-off", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +133,7 @@ class Gate(NamedTuple):
   attn: jax.Array | None    # bool[Lm, B, D, Ha]
   doc_index: jax.Array      # int32[B, T] document slot of each token
   backbone_scale: jax.Array  # f32 scalar multiplying the MLP units that are on (!= 1 only in
-                             # backbone mode, where those are exactly the backbone units)
+                             # backbone/mlp-off mode, where those are exactly the backbone units)
 
 
 def doc_sources(source_ids, segment_ids, max_docs: int) -> jax.Array:
@@ -150,6 +150,8 @@ def make_gate(spec: SinkSpec, mode: str, *, segment_ids, source_ids=None, row_so
   train:    each token uses its own `source_ids` (packed rows: one mask per segment).
   source:   every token of row b uses `row_sources[b]` (explicit ids, e.g. a routed query).
   backbone: all sinks off; backbone units scaled by (G+k)/G if `spec.backbone_rescale`.
+  mlp-off:  every MLP unit off, backbone too (a diagnostic: what attention and embeddings
+            alone know; method.md section 5).
   `exclude` zeroes its units in every mode.
   """
   batch = segment_ids.shape[0]
@@ -162,12 +164,14 @@ def make_gate(spec: SinkSpec, mode: str, *, segment_ids, source_ids=None, row_so
     doc_src, doc_index = doc_sources(source_ids, segment_ids, max_docs), segment_ids
   elif mode == "source":
     doc_src, doc_index = jnp.asarray(row_sources, jnp.int32)[:, None], jnp.zeros_like(segment_ids)
-  elif mode == "backbone":
+  elif mode in ("backbone", "mlp-off"):
     doc_src, doc_index = jnp.zeros((batch, 1), jnp.int32), jnp.zeros_like(segment_ids)
-    if spec.backbone_rescale:
+    if mode == "mlp-off":   # sinks are off already; the scale turns the backbone off
+      scale = jnp.float32(0.0)
+    elif spec.backbone_rescale:
       scale = jnp.float32((spec.backbone + spec.mlp.k) / spec.backbone)
   else:
-    raise ValueError(f"unknown sink mode {mode!r}; expected one of {MODES[:3]}")
+    raise ValueError(f"unknown sink mode {mode!r}; expected one of {MODES[:4]}")
 
   def masks(pool, salt, excluded):
     m = _layer_masks(spec, pool, salt, doc_src)

@@ -124,6 +124,17 @@ def test_backbone_mode_uses_no_sink(smoke_cfg):
   assert not np.allclose(out(params, "train"), out(noisy, "train"))   # the noise does matter
 
 
+def test_mlp_off_mode_equals_a_model_without_mlps(smoke_cfg):
+  setup, params = setup_and_params(smoke_cfg)
+  batch = row([(3, list(range(3, 20)))])
+  no_mlp = jax.tree.map(lambda x: x, params)
+  for block in no_mlp["blocks"].values():
+    block["mlp"]["down"]["kernel"] = jnp.zeros_like(block["mlp"]["down"]["kernel"])
+  out = lambda p, mode: train.token_losses(setup, p, batch, mode)[0]
+  np.testing.assert_allclose(out(params, "mlp-off"), out(no_mlp, "train"), rtol=1e-6, atol=1e-6)
+  assert not np.allclose(out(params, "mlp-off"), out(params, "backbone"))
+
+
 def test_backbone_rescale_scales_the_mlp_output(smoke_cfg):
   smoke_cfg.sinks.backbone_rescale = True
   setup, params = setup_and_params(smoke_cfg)
