@@ -151,6 +151,20 @@ def _encyclopedia(fv):
         + f"; prepare it with: sinkformer data prepare --corpus {fv.out}/corpus.jsonl --out DIR")
 
 
+def _probes_flags(fv, argv):
+  flags.DEFINE_string("corpus", "wiki-vital", "a fetched corpus name or a canonical JSONL file "
+                      "with description/topic metadata", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "distractor sampling seed", flag_values=fv)
+  flags.DEFINE_string("out", None, "output JSONL of probes", flag_values=fv)
+
+
+def _probes(fv):
+  from sinkformer import fetch, probes
+  path = fetch.corpus_path(fv.corpus) if fv.corpus in fetch.CORPORA else fv.corpus
+  counts = probes.write(path, fv.out, fv.seed)
+  print(f"{fv.out}: " + ", ".join(f"{n:,} {name}" for name, n in counts.most_common()))
+
+
 def _data_info_flags(fv, argv):
   flags.DEFINE_string("data", None, "a prepared directory", flag_values=fv)
 
@@ -187,6 +201,9 @@ COMMANDS = {
                      "manifest", _prepare_flags, _prepare, ("corpus", "out")),
     "data encyclopedia": ("generate a fictional encyclopedia with unique, shared and inferred "
                           "facts and their probes", _encyclopedia_flags, _encyclopedia, ("out",)),
+    "data probes": ("probe facts from Wikipedia Vital Articles: title -> description clozes "
+                    "and unique/shared sentences (n-gram overlap scan)", _probes_flags, _probes,
+                    ("out",)),
     "data info": ("what a prepared directory holds", _data_info_flags, _data_info, ("data",)),
     "bench sinks": ("time the NULL train step against the equal-size dense control",
                     _bench_flags, lambda fv: _bench(fv, "sinks"), ("config",)),
