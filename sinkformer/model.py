@@ -148,19 +148,20 @@ class Transformer(nnx.Module):
       self.lm_head = _linear(m.d_model, m.vocab_size, ("embed", "vocab"), m, rngs)
 
   def __call__(self, tokens, positions, segment_ids, gate: sinks.Gate | None = None,
-               cache: Cache | None = None):
-    """Logits [B, T, V]; with a cache (decoding), (logits, updated cache)."""
-    x = self.features(tokens, positions, segment_ids, gate, cache)
+               cache: Cache | None = None, embeds=None):
+    """Logits [B, T, V]; with a cache (decoding), (logits, updated cache). `embeds` [B, T, d]
+    replaces the token embeddings (GCG differentiates through a one-hot prompt)."""
+    x = self.features(tokens, positions, segment_ids, gate, cache, embeds)
     x, cache = x if cache is not None else (x, None)
     logits = self.embed.attend(x) if self.m.tie_embeddings else self.lm_head(x)
     logits = logits.astype(jnp.float32)
     return logits if cache is None else (logits, cache)
 
-  def features(self, tokens, positions, segment_ids, gate=None, cache=None):
+  def features(self, tokens, positions, segment_ids, gate=None, cache=None, embeds=None):
     """The final-normed hidden states [B, T, d] (what the LM head reads; the router's
     embeddings)."""
     m = self.m
-    x = self.embed(tokens)
+    x = self.embed(tokens) if embeds is None else embeds.astype(DTYPES[m.dtype])
     # One unit mask per distinct mask layer (one in all, unless masks are per-layer).
     units = heads = [None]
     scale = 1.0 if gate is None else gate.backbone_scale
@@ -201,7 +202,8 @@ def empty_cache(m: Dims, batch: int, length: int) -> Cache:
 def apply(graphdef, params, batch, gate=None, cache=None):
   """Pure forward pass over split state: the form every jitted function uses."""
   model = nnx.merge(graphdef, params)
-  return model(batch["tokens"], batch["positions"], batch["segment_ids"], gate, cache)
+  return model(batch["tokens"], batch["positions"], batch["segment_ids"], gate, cache,
+               batch.get("embeds"))
 
 
 def features(graphdef, params, batch, gate=None):
