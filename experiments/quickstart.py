@@ -49,5 +49,12 @@ def get_config(arg=None):
   # Serving: exclude = zero unlearned sources' units in every pass; route = only never pick
   # them. The router embeds each source's title+opening (or its title only).
   c.unlearn = dict(policy="exclude", router="title+opening", allow_reactivation=False)
+  # Measuring forgetting (sinkformer eval): the relearning attack (the mask active while the
+  # attacker fine-tunes), GCG extraction budgets (prompt lengths tried shortest first), and
+  # the capability suite's sample sizes.
+  c.eval = dict(relearn=dict(steps=10, lr=1e-3, mask="sink-off/exclude"),
+                gcg=dict(targets=8, target_len=16, lengths=(2, 4, 8, 16), steps=20, top_k=32,
+                         candidates=64, init="prefix"),
+                capability=dict(clozes=400, documents=256, bootstrap=1000))
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   return apply_presets(c, arg, PRESETS)

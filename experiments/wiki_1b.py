@@ -45,5 +45,10 @@ def get_config(arg=None):
   # Serving: exclude = zero unlearned sources' units in every pass; route = only never pick
   # them. The router embeds each source's title+opening (or its title only).
   c.unlearn = dict(policy="exclude", router="title+opening", allow_reactivation=False)
+  # Measuring forgetting (sinkformer eval): budgets in the range the paper's attacks used.
+  c.eval = dict(relearn=dict(steps=20, lr=1e-5, mask="sink-off/exclude"),
+                gcg=dict(targets=32, target_len=32, lengths=(4, 8, 16, 32), steps=250,
+                         top_k=256, candidates=512, init="random"),
+                capability=dict(clozes=2000, documents=2048, bootstrap=2000))
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   return apply_presets(c, arg, PRESETS)

@@ -10,6 +10,13 @@ from ml_collections import config_flags
 from sinkformer.errors import PARSE_ERRORS, ConfigError, UserError, one_line
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# The masks an attacker may fine-tune through in the relearning attack (evaluate.py).
+RELEARN_MASKS = ("sink-off/exclude", "sink-off/route", "sink-on", "backbone")
+# For runs from before the config had an `eval` section.
+EVAL_DEFAULTS = {"relearn": {"steps": 10, "lr": 1e-3, "mask": "sink-off/exclude"},
+                 "gcg": {"targets": 8, "target_len": 16, "lengths": [2, 4, 8, 16], "steps": 20,
+                         "top_k": 32, "candidates": 64, "init": "prefix"},
+                 "capability": {"clozes": 400, "documents": 256, "bootstrap": 1000}}
 
 
 def define_config_flag(fv: flags.FlagValues, argv: list[str]):
@@ -74,6 +81,23 @@ def _require(ok: bool, field: str, message: str):
     raise ConfigError(field, message)
 
 
+def validate_eval(e):
+  """The `eval` section (also checked when `sinkformer eval` overrides it)."""
+  _require(e.relearn.mask in RELEARN_MASKS, "eval.relearn.mask",
+           f"{e.relearn.mask!r} is not one of {', '.join(RELEARN_MASKS)}")
+  for field in ("relearn.steps", "gcg.targets", "gcg.target_len", "gcg.steps", "gcg.top_k",
+                "gcg.candidates", "capability.clozes", "capability.documents",
+                "capability.bootstrap"):
+    section, name = field.split(".")
+    _require(e[section][name] > 0, f"eval.{field}", f"must be positive, got {e[section][name]}")
+  _require(e.relearn.lr > 0, "eval.relearn.lr", f"must be positive, got {e.relearn.lr}")
+  _require(e.gcg.init in ("prefix", "random"), "eval.gcg.init",
+           f"{e.gcg.init!r} is not 'prefix' or 'random'")
+  lengths = list(e.gcg.lengths)
+  _require(bool(lengths) and lengths == sorted(set(lengths)) and lengths[0] > 0,
+           "eval.gcg.lengths", f"{lengths} must be distinct positive prompt lengths, ascending")
+
+
 def validate(cfg, num_devices: int) -> tuple[int, ...]:
   """Raise ConfigError naming the first field that cannot work; return the mesh shape."""
   m, s, t, d = cfg.model, cfg.sinks, cfg.train, cfg.data
@@ -105,6 +129,7 @@ def validate(cfg, num_devices: int) -> tuple[int, ...]:
            f"{cfg.unlearn.policy!r} is not 'exclude' or 'route'")
   _require(cfg.unlearn.router in ("title+opening", "title"), "unlearn.router",
            f"{cfg.unlearn.router!r} is not 'title+opening' or 'title'")
+  validate_eval(cfg.eval)
   _require(t.steps > 0, "train.steps", f"must be positive, got {t.steps}")
   _require(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
            f"{t.grad_accum} must divide train.batch_size={t.batch_size}")

@@ -63,12 +63,18 @@ def test_unknown_preset_lists_the_known_ones():
     ({"sinks.attn_heads": 2, "sinks.attn_k": 3}, 1, "sinks.attn_k"),
     ({"train.warmup_steps": 10**6}, 1, "train.warmup_steps"),
     ({"train.checkpoint_every": 0}, 1, "train.checkpoint_every"),
+    ({"eval.relearn.mask": "weights"}, 1, "eval.relearn.mask"),
+    ({"eval.gcg.lengths": (8, 4)}, 1, "eval.gcg.lengths"),
+    ({"eval.gcg.steps": 0}, 1, "eval.gcg.steps"),
 ])
 def test_configs_that_cannot_work_fail_naming_the_field(changes, devices, field):
   cfg = config.load("experiments/quickstart.py")
   for key, value in changes.items():
-    section, name = key.split(".")
-    cfg[section][name] = value
+    *sections, name = key.split(".")
+    parent = cfg
+    for section in sections:
+      parent = parent[section]
+    parent[name] = value
   with pytest.raises(ConfigError) as e:
     config.validate(cfg, devices)
   assert e.value.field == field and str(e.value).startswith(f"config.{field}:")
