@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sinkformer import checkpoint, data as data_lib, generate, model, sinks, switchboard
+from sinkformer import checkpoint, config, data as data_lib, generate, model, sinks, switchboard
 from sinkformer import synthetic, tokenizer as tok_lib, train
 from sinkformer.errors import UserError
 
@@ -69,13 +69,15 @@ UNLEARN_DEFAULTS = {"policy": "exclude", "router": "title+opening", "allow_react
 
 
 def load_config(run_dir: str):
-  """A run's config.json; runs from before the `unlearn` section get its defaults."""
+  """A run's config.json; runs from before the `unlearn` and `eval` sections get their
+  defaults."""
   try:
     with open(os.path.join(run_dir, "config.json")) as f:
       raw = json.load(f)
   except OSError:
     raise UserError(f"{run_dir} is not a sinkformer run (no config.json)") from None
   raw["unlearn"] = {**UNLEARN_DEFAULTS, **raw.get("unlearn", {})}
+  raw["eval"] = {k: {**v, **raw.get("eval", {}).get(k, {})} for k, v in config.EVAL_DEFAULTS.items()}
   return ml_collections.ConfigDict(raw)
 
 
@@ -221,9 +223,9 @@ class Server:
         self._router = Router(ids, vectors)
     return self._router
 
-  def _alive(self) -> np.ndarray:
-    unlearned = set(self.board.unlearned_ids())
-    return np.asarray([int(i) not in unlearned for i in self.router.ids])
+  def alive(self) -> np.ndarray:
+    """bool per router source: not unlearned (vectorised: the router may hold millions)."""
+    return ~np.isin(self.router.ids, np.asarray(self.board.unlearned_ids(), np.int64))
 
   def encode(self, text: str) -> list[int]:
     return [self.tokenizer.bos, *self.tokenizer.encode(text)]
@@ -238,7 +240,7 @@ class Server:
     if self.setup.spec is None:   # the dense control: no sinks, but the same refusals
       return np.zeros(len(texts), np.int32), "dense"
     if mode in ("route", "placebo"):
-      alive = self._alive()
+      alive = self.alive()
       if not alive.any():
         raise UserError("every source of this run is unlearned: nothing to route to "
                         "(use --mode backbone)")
@@ -284,7 +286,7 @@ def routing_accuracy(server: Server, limit: int = 1000) -> tuple[float, int]:
   """Top-1 accuracy of routing each surviving source's title to that source."""
   rows = server.board.page("active", 0, limit)
   queries = Router.embed(server.setup, server.params, [server.encode(r["title"]) for r in rows])
-  routed = server.router.rank(queries, server._alive())
+  routed = server.router.rank(queries, server.alive())
   return float(np.mean(routed == np.asarray([r["id"] for r in rows]))), len(rows)
 
 
