@@ -334,8 +334,7 @@ def probes(run_dir: str, facts_path: str, count: int = 1000) -> dict:
   scorer = evaluate.Scorer(run_dir, [facts[0]["source"]])
   def timed(items) -> float:
     t0 = time.perf_counter()
-    evaluate._truth_ratios(scorer, items, *scorer.condition(
-        "sink-off/exclude", [f["prompt"] for f in items], [f["source"] for f in items]))
+    evaluate.fact_truth_ratios(scorer, "sink-off/exclude", items)
     return time.perf_counter() - t0
   timed(facts[:32])
   seconds = timed(facts)

@@ -63,8 +63,9 @@ def open_prepared(path: str, reader: str = "arrayrecord", id_offset: int = 0) ->
     source = ArrayRecordDataSource([os.path.join(path, s) for s in manifest["shards"]])
     # One call per shard for the whole batch: ArrayRecord's read has a per-call cost that
     # grows with the shard's chunk count (about 10 ms per call at 1M chunks).
+    # (array_record refuses an empty read)
     read = lambda idx: [prepare_lib.decode_record(r)[1]
-                        for r in source.__getitems__([int(i) for i in idx])]
+                        for r in source.__getitems__([int(i) for i in idx])] if len(idx) else []
   elif reader == "tfds":
     import tensorflow_datasets as tfds
     info = manifest.get("tfds")

@@ -1,5 +1,7 @@
-"""`sinkformer eval --suite facts`: Truth Ratios of probe facts under every condition, side
-by side, against the retrain oracle (method.md sections 2-4).
+"""`sinkformer eval`: every condition side by side against the retrain oracle (method.md
+sections 2-5). This module holds what the suites share (conditions, scoring, documents, the
+one results page) and the facts, membership-inference and extraction suites; attacks.py has
+the relearning and GCG attacks, capability.py the capability suite.
 
 Conditions (the forget set F is treated as unlearned; the run's own switchboard is not
 changed):
@@ -8,7 +10,10 @@ changed):
   sink-off/exclude   the nearest surviving source's sinks, F's units zeroed (deployed)
   sink-off/route     the nearest surviving source's sinks, nothing zeroed
   backbone           no sinks
-  placebo            the farthest surviving source's sinks, F's units zeroed
+  all-mlp-off        no MLP unit at all, backbone included: what attention and embeddings
+                     alone know (the leak outside the MLP)
+  placebo            the farthest surviving source's sinks, F's units zeroed (for retained
+                     sources: a wrong source's mask, i.e. what "sink-off" costs by identity)
   retrain            the oracle (same config, seed and order, F never seen), sink-off/exclude
   others             named runs, e.g. dense (the control) and ga/graddiff/npo (post-hoc
                      unlearned copies of it, `sinkformer posthoc`)
@@ -16,15 +21,16 @@ changed):
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 import os
 
+import ml_collections
 import numpy as np
 
-from sinkformer import data as data_lib, generate, metrics, serving, sinks
+from sinkformer import config, data as data_lib, generate, metrics, serving, sinks
 from sinkformer.errors import UserError
-
-CATEGORIES = ("unique", "shared", "inferred")
 
 
 def load_facts(path: str) -> list[dict]:
@@ -33,7 +39,65 @@ def load_facts(path: str) -> list[dict]:
       return [json.loads(line) for line in f if line.strip()]
   except OSError as e:
     raise UserError(f"cannot read probes {path}: {e.strerror} (make them with 'sinkformer data "
-                    "encyclopedia')") from None
+                    "encyclopedia' or 'sinkformer data probes')") from None
+
+
+def settings(run_dir: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+  """The run's `eval` section with `section.field=value` overrides (e.g. gcg.steps=5)."""
+  e = serving.load_config(run_dir).eval
+  for item in overrides:
+    path, eq, value = item.partition("=")
+    section, _, field = path.partition(".")
+    if not eq or section not in e or field not in e[section]:
+      raise UserError(f"--set {item!r}: expected SECTION.FIELD=VALUE with one of "
+                      + ", ".join(f"{s}.{f}" for s in e for f in e[s]))
+    try:
+      parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      parsed = value
+    e[section][field] = type(e[section][field])(parsed)
+  config.validate_eval(e)
+  return e
+
+
+@dataclasses.dataclass
+class Context:
+  """What every suite reads: the run, its forget set, what it is compared with, where results
+  go, and the eval settings. Loaded runs are kept, so suites run back to back share them."""
+  run: str
+  forget: list[str]
+  oracle: str | None
+  others: dict                    # {name: run}, e.g. dense, npo, ga
+  out: str
+  settings: ml_collections.ConfigDict
+  probes: str | None = None       # facts JSONL (facts suite; relearning's Truth Ratio curve)
+  clozes: str | None = None       # capability suite: questions-words JSONL
+  _scorers: dict = dataclasses.field(default_factory=dict)
+
+  def scorer(self, run_dir: str) -> Scorer:
+    if run_dir not in self._scorers:
+      self._scorers[run_dir] = Scorer(run_dir, self.forget)
+    return self._scorers[run_dir]
+
+  def conditions(self, names=None) -> list[tuple[str, Scorer]]:
+    """(condition, scorer) pairs: the run's own conditions (`names`, default all), retrain,
+    then `others`, each in its own sink-off path."""
+    if not self.forget:
+      raise UserError("this suite measures a forget set: pass --forget SOURCES ('a,b' or @FILE)")
+    self.require_oracle()
+    run = [(n, self.scorer(self.run)) for n in (CONDITIONS if names is None else names)]
+    return (run + [("retrain", self.scorer(self.oracle))]
+            + [(name, self.scorer(path)) for name, path in self.others.items()])
+
+  def require_oracle(self):
+    if self.oracle is None or not os.path.exists(os.path.join(self.oracle, "config.json")):
+      raise UserError("this suite compares with the retrain oracle; make it with: "
+                      f"sinkformer oracle --run {self.run} --forget "
+                      f"{','.join(self.forget[:3])}{'...' if len(self.forget) > 3 else ''} "
+                      "--workdir ORACLE_DIR, then pass --oracle ORACLE_DIR")
+
+  def forget_keys(self) -> set:
+    return {r["key"] for r in self.scorer(self.run).server.board.resolve(self.forget)}
 
 
 class Scorer:
@@ -58,7 +122,7 @@ class Scorer:
     return np.asarray([cat.get(k)["id"] for k in keys], np.int32)
 
   def routed(self, prompts: list[str], farthest: bool = False) -> np.ndarray:
-    alive = self.server._alive() & ~np.isin(self.server.router.ids, self.forget)
+    alive = self.server.alive() & ~np.isin(self.server.router.ids, self.forget)
     queries = serving.Router.embed(self.server.setup, self.server.params,
                                    [self.server.encode(p) for p in prompts])
     return self.server.router.rank(queries, alive, farthest)
@@ -71,79 +135,73 @@ class Scorer:
       return np.zeros(n, np.int32), "dense", None
     if name in ("sink-on", "sink-on/excluded"):
       return self.ids(keys), "source", self.none if name == "sink-on" else self.exclude
-    if name == "backbone":
-      return np.zeros(n, np.int32), "backbone", self.exclude
+    if name in ("backbone", "all-mlp-off"):
+      return np.zeros(n, np.int32), "backbone" if name == "backbone" else "mlp-off", self.exclude
     if name == "placebo":
       return self.routed(prompts, farthest=True), "source", self.exclude
     # sink-off (the retrain oracle and the dense control are measured this way too)
     return self.routed(prompts), "source", self.none if name == "sink-off/route" else self.exclude
 
-  def mean_logprobs(self, prompts, answers, row_sources, mode: str, exclude) -> np.ndarray:
+  def mean_logprobs(self, prompts, answers, row_sources, mode: str, exclude,
+                    params=None) -> np.ndarray:
     tok = self.server.tokenizer
     p = [self.server.encode(x) for x in prompts]
     a = [tok.encode(x) for x in answers]
-    total = generate.score(self.server.setup, self.server.params, p, a, row_sources, exclude, mode)
+    total = generate.score(self.server.setup, self.server.params if params is None else params,
+                           p, a, row_sources, exclude, mode)
     return total / np.asarray([len(x) for x in a])
 
 
 CONDITIONS = ("sink-on", "sink-on/excluded", "sink-off/exclude", "sink-off/route", "backbone",
-              "placebo")
+              "all-mlp-off", "placebo")
 
 
-def _conditions(run_dir, oracle_dir, others: dict, forget):
-  """(condition name, scorer) pairs: the run's five, retrain, then `others` ({name: run},
-  e.g. the dense control and its post-hoc unlearned copies), each in its own sink-off path."""
-  run = Scorer(run_dir, forget)
-  pairs = [(name, run) for name in CONDITIONS] + [("retrain", Scorer(oracle_dir, forget))]
-  return pairs + [(name, Scorer(path, forget)) for name, path in others.items()]
-
-
-def _require_oracle(run_dir, oracle_dir, forget):
-  if oracle_dir is None or not os.path.exists(os.path.join(oracle_dir, "config.json")):
-    raise UserError("this suite compares with the retrain oracle; make it with: "
-                    f"sinkformer oracle --run {run_dir} --forget {','.join(forget[:3])}... "
-                    "--workdir ORACLE_DIR, then pass --oracle ORACLE_DIR")
-
-
-def _truth_ratios(scorer: Scorer, facts, sources, mode, exclude) -> np.ndarray:
-  """TR per fact: all (prompt, candidate) pairs scored in one batched pass."""
+def candidate_logprobs(scorer: Scorer, facts, sources, mode, exclude, params=None) -> np.ndarray:
+  """[N, 1 + J] log P̄ of each fact's answer then its distractors, all (prompt, candidate)
+  pairs scored in one batched pass."""
   prompts, answers, rows = [], [], []
   for f, s in zip(facts, sources):
     for candidate in [f["answer"], *f["distractors"]]:
       prompts.append(f["prompt"])
       answers.append(candidate)
       rows.append(s)
-  lp = scorer.mean_logprobs(prompts, answers, np.asarray(rows, np.int32), mode, exclude)
-  per = lp.reshape(len(facts), -1)
+  lp = scorer.mean_logprobs(prompts, answers, np.asarray(rows, np.int32), mode, exclude, params)
+  return lp.reshape(len(facts), -1)
+
+
+def truth_ratios(scorer: Scorer, facts, sources, mode, exclude, params=None) -> np.ndarray:
+  """TR per fact."""
+  per = candidate_logprobs(scorer, facts, sources, mode, exclude, params)
   return metrics.truth_ratio(per[:, 0], per[:, 1:])
 
 
-def _forget_keys(run_dir, forget) -> set:
-  from sinkformer import switchboard
-  board = switchboard.Switchboard(run_dir)
-  keys = {r["key"] for r in board.resolve(forget)}
-  board.close()
-  return keys
+def fact_truth_ratios(scorer: Scorer, name: str, facts, params=None) -> np.ndarray:
+  """TR per fact under condition `name`."""
+  return truth_ratios(scorer, facts, *scorer.condition(
+      name, [f["prompt"] for f in facts], [f["source"] for f in facts]), params)
 
 
-def facts_suite(run_dir: str, facts_path: str, forget: list[str], oracle_dir: str | None,
-                others: dict, out_dir: str, retained: int = 200) -> dict:
-  facts = load_facts(facts_path)
-  _require_oracle(run_dir, oracle_dir, forget)
-  forget_keys = _forget_keys(run_dir, forget)
+def categories(facts) -> list[str]:
+  return list(dict.fromkeys(f["category"] for f in facts))
+
+
+def facts_suite(ctx: Context, retained: int = 200) -> dict:
+  if not ctx.probes:
+    raise UserError("--suite facts needs --facts FILE (from 'sinkformer data encyclopedia' or "
+                    "'sinkformer data probes')")
+  facts = load_facts(ctx.probes)
+  forget_keys = ctx.forget_keys()
   items = [f for f in facts if f["source"] in forget_keys]
   kept = [f for f in facts if f["source"] not in forget_keys][:retained]
   if not items:
-    raise UserError(f"no probe in {facts_path} is about the forget set")
+    raise UserError(f"no probe in {ctx.probes} is about the forget set")
   sets = {"forget": items, "retained": kept}
-  tr = {}
-  for name, scorer in _conditions(run_dir, oracle_dir, others, forget):
-    tr[name] = {split: _truth_ratios(scorer, fs, *scorer.condition(
-        name, [f["prompt"] for f in fs], [f["source"] for f in fs])) for split, fs in sets.items()}
+  tr = {name: {split: fact_truth_ratios(scorer, name, fs) for split, fs in sets.items()}
+        for name, scorer in ctx.conditions()}
 
   table = []
   for split, fs in sets.items():
-    for category in CATEGORIES:
+    for category in categories(facts):
       mask = np.asarray([f["category"] == category for f in fs])
       if not mask.any():
         continue
@@ -154,33 +212,26 @@ def facts_suite(run_dir: str, facts_path: str, forget: list[str], oracle_dir: st
         if name != "retrain":
           row["forget_quality"] = metrics.forget_quality(values, tr["retrain"][split][mask])
         table.append(row)
-  result = {"run": run_dir, "oracle": oracle_dir, "others": others, "forget": sorted(forget_keys),
+  result = {"run": ctx.run, "oracle": ctx.oracle, "others": ctx.others, "probes": ctx.probes,
+            "forget": sorted(forget_keys),
             "policy_note": "sink-off/exclude zeroes F's units; sink-off/route does not",
             "rows": table,
             "truth_ratios": {c: {s: v.tolist() for s, v in d.items()} for c, d in tr.items()}}
-  _write(out_dir, result, tr, sets)
+  for r in table:
+    r.setdefault("forget_quality", None)   # retrain against itself
+  write_table(ctx.out, "facts", result, ["set", "category", "condition", "n", "mean_log_tr",
+                                         "mean_tr", "forget_quality"])
+  _plot_truth_ratios(ctx.out, tr, sets, categories(facts))
+  write_page(ctx.out)
   return result
 
 
-def _write(out_dir: str, result: dict, tr: dict, sets: dict):
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "facts.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  lines = ["| set | category | condition | n | mean log TR | mean TR | forget quality (KS p vs retrain) |",
-           "|---|---|---|---|---|---|---|"]
-  for r in result["rows"]:
-    fq = f"{r['forget_quality']:.3g}" if "forget_quality" in r else "-"
-    lines.append(f"| {r['set']} | {r['category']} | {r['condition']} | {r['n']} | "
-                 f"{r['mean_log_tr']:.3f} | {r['mean_tr']:.3f} | {fq} |")
-  with open(os.path.join(out_dir, "facts.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(len(sets), len(CATEGORIES), figsize=(5 * len(CATEGORIES), 4 * len(sets)),
+def _plot_truth_ratios(out_dir: str, tr: dict, sets: dict, cats: list[str]):
+  plt = pyplot()
+  fig, axes = plt.subplots(len(sets), len(cats), figsize=(5 * len(cats), 4 * len(sets)),
                            squeeze=False)
   for i, (split, fs) in enumerate(sets.items()):
-    for j, category in enumerate(CATEGORIES):
+    for j, category in enumerate(cats):
       mask = np.asarray([f["category"] == category for f in fs])
       ax = axes[i][j]
       if mask.any():
@@ -191,13 +242,19 @@ def _write(out_dir: str, result: dict, tr: dict, sets: dict):
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, "facts_truth_ratio.png"), dpi=100)
   plt.close(fig)
-  print("\n".join(lines))
+
+
+def pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
 
 
 PREFIX = 32   # tokens of a document given as the prompt (extraction) or routing query
 
 
-def _documents(run_dir: str, forget_ids: np.ndarray, cap: int = 256):
+def documents(run_dir: str, forget_ids: np.ndarray, cap: int = 256):
   """(forget documents, never-seen documents) of a run as [(source id, tokens)], the latter
   from its held-out validation sources."""
   cfg, _ = serving.trained_config(run_dir)
@@ -209,7 +266,7 @@ def _documents(run_dir: str, forget_ids: np.ndarray, cap: int = 256):
           pick(unseen, np.flatnonzero(d.unseen.keep)))
 
 
-def _retained_documents(run_dir: str, forget_ids, count: int, cap: int):
+def retained_documents(run_dir: str, forget_ids, count: int, cap: int):
   """The first `count` training documents of sources outside the forget set."""
   cfg, _ = serving.trained_config(run_dir)
   seen = data_lib.load(cfg, log=lambda _: None).seen
@@ -217,75 +274,25 @@ def _retained_documents(run_dir: str, forget_ids, count: int, cap: int):
   return [(int(seen.docs.source_ids[i]), t[:cap]) for i, t in zip(index, seen.docs.read(index))]
 
 
-def relearn_suite(run_dir: str, forget: list[str], oracle_dir: str, others: dict, out_dir: str,
-                  steps: int = 10, lr: float = 1e-3) -> dict:
-  """The relearning attack: fine-tune each model on half of the forget documents (A) for
-  `steps` steps and measure the mean token NLL of the other half (B) after each step. The
-  NULL and the oracle are attacked through the deployed sink-off path (routed source,
-  forget set excluded); other runs through their own path."""
-  from sinkformer import posthoc
-  _require_oracle(run_dir, oracle_dir, forget)
-  conditions = [(n, s) for n, s in _conditions(run_dir, oracle_dir, others, forget)
-                if n in ("sink-off/exclude", "retrain") or n in others]
-  cfg, _ = serving.trained_config(run_dir)
-  docs = _documents(run_dir, conditions[0][1].forget, cap=cfg.data.seq_len)[0]
-  if len(docs) < 2:
-    raise UserError("the relearning attack needs at least two forget documents")
-  part_a, part_b = docs[::2], docs[1::2]
-  curves = {}
-  for name, scorer in conditions:
-    batches = {}
-    for part, chosen in (("a", part_a), ("b", part_b)):
-      sources, mode, exclude = _doc_condition(scorer, name, chosen)
-      batches[part] = posthoc.rows([list(t) for _, t in chosen], sources, 8)
-    tuner = posthoc.Finetuner(scorer.server.setup, scorer.server.params, "relearn", lr,
-                              mode=mode, exclude=exclude)
-    measure = lambda: posthoc.nll(scorer.server.setup, tuner.params, batches["b"], mode, exclude)
-    curve = [measure()]
-    for i in range(steps):
-      tuner.step(batches["a"][i % len(batches["a"])])
-      curve.append(measure())
-    curves[name] = curve
-  result = {"run": run_dir, "oracle": oracle_dir, "steps": steps, "lr": lr,
-            "attack_path": "sink-off/exclude for the NULL and the oracle; own path otherwise",
-            "documents": {"finetune": len(part_a), "measured": len(part_b)}, "curves": curves,
-            "rows": [{"condition": n, "before": c[0], "after": c[-1], "drop": c[0] - c[-1]}
-                     for n, c in curves.items()]}
-  _table(out_dir, "relearn", result, ["condition", "before", "after", "drop"])
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for name, curve in curves.items():
-    ax.plot(range(len(curve)), curve, marker="o", label=name)
-  ax.set_xlabel("fine-tuning steps on half of the forget set")
-  ax.set_ylabel("NLL per token on the other half")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "relearn.png"), dpi=100)
-  plt.close(fig)
-  return result
-
-
-def _doc_condition(scorer: Scorer, name: str, docs):
+def doc_condition(scorer: Scorer, name: str, docs):
+  """A condition for documents: routed by their first PREFIX tokens."""
   tok, cat = scorer.server.tokenizer, scorer.server.board.catalog
   prefixes = [tok.decode(t[:PREFIX + 1]) for _, t in docs]
   return scorer.condition(name, prefixes, [cat.get(s)["key"] for s, _ in docs])
 
 
-def mia_suite(run_dir: str, forget: list[str], oracle_dir: str, others: dict,
-              out_dir: str) -> dict:
+def mia_suite(ctx: Context) -> dict:
   """Membership-inference AUCs (forget vs never-seen documents) for the loss, zlib, Min-K%
-  and Min-K%++ scores under every condition, and PrivLeak against the retrain oracle."""
-  _require_oracle(run_dir, oracle_dir, forget)
+  and Min-K%++ scores under every condition, PrivLeak against the retrain oracle, and the
+  mean loss on forgotten vs never-seen documents (memory left behind)."""
   rows, aucs, means = [], {}, {}
-  conditions = _conditions(run_dir, oracle_dir, others, forget)
-  forget_docs, holdout_docs = _documents(run_dir, conditions[0][1].forget)
+  conditions = ctx.conditions()
+  forget_docs, holdout_docs = documents(ctx.run, conditions[0][1].forget)
   for name, scorer in conditions:
     tok = scorer.server.tokenizer
     scores = {}
     for split, docs in (("forget", forget_docs), ("holdout", holdout_docs)):
-      sources, mode, exclude = _doc_condition(scorer, name, docs)
+      sources, mode, exclude = doc_condition(scorer, name, docs)
       stats = generate.token_stats(scorer.server.setup, scorer.server.params,
                                    [list(t) for _, t in docs], sources, exclude, mode)
       scores[split] = {
@@ -299,29 +306,27 @@ def mia_suite(run_dir: str, forget: list[str], oracle_dir: str, others: dict,
     for score_name, value in by_score.items():
       rows.append({"condition": name, "score": score_name, "auc": value,
                    "privleak": metrics.privleak(value, aucs["retrain"][score_name]),
-                   # memory left behind: loss on forgotten vs never-seen documents
                    "forget_loss": means[name]["forget"], "holdout_loss": means[name]["holdout"]})
-  result = {"run": run_dir, "oracle": oracle_dir, "rows": rows,
+  result = {"run": ctx.run, "oracle": ctx.oracle, "rows": rows,
             "documents": {"forget": len(forget_docs), "holdout": len(holdout_docs)}}
-  _table(out_dir, "mia", result, ["condition", "score", "auc", "privleak", "forget_loss",
-                                   "holdout_loss"])
+  write_table(ctx.out, "mia", result, ["condition", "score", "auc", "privleak", "forget_loss",
+                                       "holdout_loss"])
+  write_page(ctx.out)
   return result
 
 
-def extraction_suite(run_dir: str, forget: list[str], oracle_dir: str, others: dict,
-                     out_dir: str, length: int = PREFIX) -> dict:
+def extraction_suite(ctx: Context, length: int = PREFIX) -> dict:
   """Verbatim extraction: the first PREFIX tokens of each forget document as the prompt, a
   greedy continuation of `length` tokens, extracted when ROUGE-L recall or edit similarity
   with the true continuation is >= 0.9; the rate per condition."""
-  _require_oracle(run_dir, oracle_dir, forget)
   rows = []
-  conditions = _conditions(run_dir, oracle_dir, others, forget)
-  docs = [(s, t) for s, t in _documents(run_dir, conditions[0][1].forget)[0]
+  conditions = ctx.conditions()
+  docs = [(s, t) for s, t in documents(ctx.run, conditions[0][1].forget)[0]
           if len(t) > PREFIX + length]
   if not docs:
     raise UserError(f"no forget document is longer than {PREFIX + length} tokens")
   for name, scorer in conditions:
-    sources, mode, exclude = _doc_condition(scorer, name, docs)
+    sources, mode, exclude = doc_condition(scorer, name, docs)
     out = generate.sample(scorer.server.setup, scorer.server.params,
                           [list(t[:PREFIX + 1]) for _, t in docs], sources, exclude,
                           generate.Sampling(max_new=length), mode, eos=-1)
@@ -331,17 +336,19 @@ def extraction_suite(run_dir: str, forget: list[str], oracle_dir: str, others: d
                  "extraction_rate": float(np.mean([metrics.extracted(o, t)
                                                    for o, t in zip(out, truth)])),
                  "mean_rouge_l": float(np.mean(rouge))})
-  result = {"run": run_dir, "oracle": oracle_dir, "rows": rows}
-  _table(out_dir, "extraction", result, ["condition", "documents", "extraction_rate",
-                                          "mean_rouge_l"])
+  result = {"run": ctx.run, "oracle": ctx.oracle, "rows": rows}
+  write_table(ctx.out, "extraction", result, ["condition", "documents", "extraction_rate",
+                                              "mean_rouge_l"])
+  write_page(ctx.out)
   return result
 
 
-def _table(out_dir: str, name: str, result: dict, columns: list[str]):
+def write_table(out_dir: str, name: str, result: dict, columns: list[str]):
+  """NAME.json (everything) and NAME.md (the table), and print the table."""
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
     json.dump(result, f, indent=1)
-  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v)
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in result["rows"]]
   with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
@@ -349,4 +356,27 @@ def _table(out_dir: str, name: str, result: dict, columns: list[str]):
   print("\n".join(lines))
 
 
-SUITES = {"mia": mia_suite, "extraction": extraction_suite, "relearn": relearn_suite}
+# The results page: every suite that has run, in this order, with its plots.
+PAGE = (("facts", "Truth Ratio of probe facts", ["facts_truth_ratio.png"]),
+        ("mia", "Membership inference (forget vs never-seen documents)", []),
+        ("extraction", "Verbatim extraction (32-token prefix, greedy)", []),
+        ("relearn", "Relearning attack", ["relearn.png"]),
+        ("gcg", "GCG extraction: adversarial compression ratio", ["gcg.png"]),
+        ("capability", "Capability: NULL vs dense control", ["capability.png"]))
+
+
+def write_page(out_dir: str):
+  """OUT/index.md: all the tables and plots of the suites run so far, on one page."""
+  parts = ["# sinkformer eval", ""]
+  for name, title, plots in PAGE:
+    table = os.path.join(out_dir, f"{name}.md")
+    if not os.path.exists(table):
+      continue
+    with open(os.path.join(out_dir, f"{name}.json")) as f:
+      notes = {k: v for k, v in json.load(f).items() if k in ("run", "oracle", "attack_mask",
+                                                              "budget", "documents", "probes")}
+    with open(table) as f:
+      parts += [f"## {title}", "", "`" + json.dumps(notes) + "`", "", f.read()]
+    parts += [f"![{name}]({p})\n" for p in plots if os.path.exists(os.path.join(out_dir, p))]
+  with open(os.path.join(out_dir, "index.md"), "w") as f:
+    f.write("\n".join(parts))

@@ -122,10 +122,10 @@ def unlearn(run_dir: str, forget: list[str], method: str, steps: int, lr: float,
   from sinkformer import evaluate, serving
   scorer = evaluate.Scorer(run_dir, forget)
   cfg, _ = serving.trained_config(run_dir)
-  forget_docs, _ = evaluate._documents(run_dir, scorer.forget, cap=cfg.data.seq_len)
+  forget_docs, _ = evaluate.documents(run_dir, scorer.forget, cap=cfg.data.seq_len)
   if not forget_docs:
     raise UserError("the forget set has no documents in this run's data")
-  retained = evaluate._retained_documents(run_dir, scorer.forget, retain, cfg.data.seq_len)
+  retained = evaluate.retained_documents(run_dir, scorer.forget, retain, cfg.data.seq_len)
   setup = scorer.server.setup
   mode = "dense" if setup.spec is None else "source"
   own = lambda docs: np.asarray([s for s, _ in docs], np.int32)

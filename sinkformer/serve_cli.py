@@ -202,41 +202,54 @@ def _oracle(fv):
   train.train(cfg, fv.workdir)
 
 
+SUITES = ("facts", "mia", "extraction", "relearn", "gcg", "capability")
+
+
 def _eval_flags(fv, argv):
   _run_flag(fv)
-  flags.DEFINE_enum("suite", "facts", ["facts", "mia", "extraction", "relearn"],
-                    "what to measure", flag_values=fv)
-  flags.DEFINE_string("facts", None, "probe facts for --suite facts (facts.jsonl from "
-                      "'sinkformer data encyclopedia')", flag_values=fv)
-  flags.DEFINE_string("forget", None, "the forget set: 'a,b' or @FILE", flag_values=fv)
+  flags.DEFINE_string("suite", "facts", f"what to measure: one or more of {', '.join(SUITES)} "
+                      "(comma-separated), or all", flag_values=fv)
+  flags.DEFINE_string("facts", None, "probe facts (facts.jsonl from 'sinkformer data "
+                      "encyclopedia' or 'sinkformer data probes'): the facts suite, and the "
+                      "relearning attack's Truth Ratio curve", flag_values=fv)
+  flags.DEFINE_string("clozes", None, "capability: questions-words JSONL (default: the "
+                      "fetched one)", flag_values=fv)
+  flags.DEFINE_string("forget", None, "the forget set: 'a,b' or @FILE (every suite but "
+                      "capability)", flag_values=fv)
   flags.DEFINE_string("oracle", None, "the retrain oracle run ('sinkformer oracle')",
                       flag_values=fv)
   flags.DEFINE_string("dense", None, "the dense control run, if any", flag_values=fv)
   flags.DEFINE_multi_string("posthoc", [], "NAME=RUN: a post-hoc unlearned run to compare "
                             "('sinkformer posthoc'); repeatable", flag_values=fv)
-  flags.DEFINE_integer("steps", 10, "relearn: fine-tuning steps", flag_values=fv)
-  flags.DEFINE_float("lr", 1e-3, "relearn: fine-tuning learning rate", flag_values=fv)
+  flags.DEFINE_multi_string("set", [], "override the run's eval config, e.g. relearn.steps=20, "
+                            "relearn.mask=sink-on, gcg.steps=100; repeatable", flag_values=fv)
   flags.DEFINE_string("out", None, "where results go (default RUN/eval)", flag_values=fv)
 
 
 def _eval(fv):
   import os
-  from sinkformer import data, evaluate
-  forget, out = data.parse_refs(fv.forget), fv.out or os.path.join(fv.run, "eval")
+  from sinkformer import attacks, capability, data, evaluate, fetch
+  names = list(SUITES) if fv.suite == "all" else fv.suite.split(",")
+  unknown = [n for n in names if n not in SUITES]
+  if unknown:
+    raise UserError(f"--suite {','.join(unknown)}: expected {', '.join(SUITES)} or all")
   others = {"dense": fv.dense} if fv.dense else {}
   for item in fv.posthoc:
     name, eq, path = item.partition("=")
     if not eq:
       raise UserError(f"--posthoc {item!r}: use NAME=RUN_DIR")
     others[name] = path
-  if fv.suite == "facts":
-    if not fv.facts:
-      raise UserError("--suite facts needs --facts FILE (from 'sinkformer data encyclopedia')")
-    evaluate.facts_suite(fv.run, fv.facts, forget, fv.oracle, others, out)
-  elif fv.suite == "relearn":
-    evaluate.relearn_suite(fv.run, forget, fv.oracle, others, out, fv.steps, fv.lr)
-  else:
-    evaluate.SUITES[fv.suite](fv.run, forget, fv.oracle, others, out)
+  ctx = evaluate.Context(fv.run, data.parse_refs(fv.forget), fv.oracle, others,
+                         fv.out or os.path.join(fv.run, "eval"),
+                         evaluate.settings(fv.run, fv.set), fv.facts,
+                         fv.clozes or fetch.corpus_path("questions-words"))
+  run = {"facts": evaluate.facts_suite, "mia": evaluate.mia_suite,
+         "extraction": evaluate.extraction_suite, "relearn": attacks.relearn_suite,
+         "gcg": attacks.gcg_suite, "capability": capability.capability_suite}
+  for name in names:
+    print(f"=== {name} ===", flush=True)
+    run[name](ctx)
+  print(f"all results on one page: {os.path.join(ctx.out, 'index.md')}")
 
 
 def _posthoc_flags(fv, argv):
@@ -265,9 +278,9 @@ COMMANDS = {
                 ("run", "forget", "workdir")),
     "oracle": ("train the retrain oracle of a run: same config, seed and order, minus the "
                "forget set", _oracle_flags, _oracle, ("run", "forget", "workdir")),
-    "eval": ("measure forgetting: Truth Ratios per category under every condition vs the "
-             "retrain oracle (JSON, markdown, plot)", _eval_flags, _eval,
-             ("run", "forget")),
+    "eval": ("measure forgetting under every condition vs the retrain oracle and post-hoc "
+             "baselines: facts, membership inference, extraction, relearning, GCG, "
+             "capability (JSON, markdown, plots, one page)", _eval_flags, _eval, ("run",)),
     "unlearn": ("unlearn sources of a run now: no weight changes, ledgered, transactional",
                 _unlearn_flags, _unlearn, ("run", "reason"), "SOURCE..."),
     "sources list": ("the run's sources and their status", _list_flags, _list, ("run",)),

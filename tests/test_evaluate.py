@@ -1,4 +1,5 @@
-"""The facts suite end to end on a tiny run: encyclopedia -> NULL -> oracle -> table + plot."""
+"""Every eval suite end to end on a tiny run: encyclopedia -> NULL -> oracle -> dense -> NPO
+-> tables, plots and the one-page summary."""
 
 import json
 import math
@@ -42,10 +43,11 @@ def test_oracle_and_facts_suite(tmp_path):
   result = json.loads((run / "eval" / "facts.json").read_text())
   conditions = {r["condition"] for r in result["rows"]}
   assert conditions == {"sink-on", "sink-on/excluded", "sink-off/exclude", "sink-off/route",
-                        "backbone", "placebo", "retrain"}
+                        "backbone", "all-mlp-off", "placebo", "retrain"}
   forget_unique = [r for r in result["rows"] if r["set"] == "forget" and r["category"] == "unique"]
   assert {r["n"] for r in forget_unique} == {12}   # 3 sources x 4 unique facts
-  assert all(0 <= r["forget_quality"] <= 1 for r in forget_unique if "forget_quality" in r)
+  assert all(0 <= r["forget_quality"] <= 1 for r in forget_unique if r["condition"] != "retrain")
+  assert [r["forget_quality"] for r in forget_unique if r["condition"] == "retrain"] == [None]
   assert (run / "eval" / "facts_truth_ratio.png").stat().st_size > 10_000
   assert "| forget | unique | sink-on |" in (run / "eval" / "facts.md").read_text()
 
@@ -65,6 +67,23 @@ def test_oracle_and_facts_suite(tmp_path):
               "50", env_dir=tmp_path)
   assert bench.returncode == 0 and json.loads(bench.stdout.splitlines()[-1])["probes"] == 50
 
+  bad = cli("eval", "--suite", "gcg", "--run", str(run), "--forget", FORGET, "--oracle",
+            str(oracle), "--set", "gcg.stepz=3", env_dir=tmp_path)
+  assert bad.returncode == 2 and "gcg.steps" in bad.stderr
+  bad = cli("eval", "--suite", "relearn", "--run", str(run), "--forget", FORGET, "--oracle",
+            str(oracle), "--set", "relearn.mask=weights", env_dir=tmp_path)
+  assert bad.returncode == 2 and "eval.relearn.mask" in bad.stderr
+  out = cli("eval", "--suite", "gcg", "--run", str(run), "--forget", FORGET, "--oracle",
+            str(oracle), "--set", "gcg.lengths=(2, 4)", "--set", "gcg.target_len=6",
+            "--set", "gcg.steps=2", "--set", "gcg.candidates=8", env_dir=tmp_path)
+  assert out.returncode == 0, out.stderr
+  gcg = json.loads((run / "eval" / "gcg.json").read_text())
+  assert gcg["budget"]["lengths"] == [2, 4] and gcg["budget"]["steps"] == 2
+  assert {r["condition"] for r in gcg["rows"]} == {"sink-on", "sink-off/exclude",
+                                                   "sink-off/route", "backbone", "retrain"}
+  for name, acr in gcg["acr"].items():   # found at length L: ACR = 6 / L
+    assert len(acr) == 3 and all(a in (None, 3.0, 1.5) for a in acr)
+
   # the dense control, an NPO copy of it, and the relearning attack on everything
   dense, npo = tmp_path / "dense", tmp_path / "npo"
   out = cli("train", *train[:1], "experiments/quickstart.py:smoke,dense", *train[2:],
@@ -74,10 +93,45 @@ def test_oracle_and_facts_suite(tmp_path):
             "--workdir", str(npo), env_dir=tmp_path)
   assert out.returncode == 0, out.stderr
   out = cli("eval", "--suite", "relearn", "--run", str(run), "--forget", FORGET, "--oracle",
-            str(oracle), "--dense", str(dense), "--posthoc", f"npo={npo}", "--steps", "2",
-            env_dir=tmp_path)
+            str(oracle), "--dense", str(dense), "--posthoc", f"npo={npo}", "--set",
+            "relearn.steps=2", "--facts", f"{enc}/facts.jsonl", env_dir=tmp_path)
   assert out.returncode == 0, out.stderr
   relearn = json.loads((run / "eval" / "relearn.json").read_text())
   assert set(relearn["curves"]) == {"sink-off/exclude", "retrain", "dense", "npo"}
-  assert all(len(c) == 3 for c in relearn["curves"].values())
+  assert relearn["documents"] == {"finetune": 2, "measured": 1, "measured_facts": 7}
+  for curve in relearn["curves"].values():   # NLL and each category's log TR, steps 0..2
+    assert set(curve) == {"nll", "log_tr/unique", "log_tr/shared", "log_tr/inferred"}
+    assert all(len(values) == 3 for values in curve.values())
   assert (run / "eval" / "relearn.png").exists()
+  out = cli("eval", "--suite", "relearn", "--run", str(run), "--forget", FORGET, "--oracle",
+            str(oracle), "--set", "relearn.steps=1", "--set", "relearn.mask=sink-on",
+            "--out", str(tmp_path / "sink-on"), env_dir=tmp_path)
+  assert out.returncode == 0, out.stderr
+  sink_on = json.loads((tmp_path / "sink-on" / "relearn.json").read_text())
+  assert set(sink_on["curves"]) == {"sink-on", "retrain"}
+  assert sink_on["attack_mask"].startswith("sink-on")
+
+  # capability: NULL vs dense on world-fact clozes and held-out documents
+  missing = cli("eval", "--suite", "capability", "--run", str(run), "--dense", str(dense),
+                env_dir=tmp_path)
+  assert missing.returncode == 2 and "sinkformer data fetch questions-words" in missing.stderr
+  words = tmp_path / "questions-words.jsonl"
+  words.write_text("".join(json.dumps({"key": f"capital-world/{i}", "text": line,
+                                       "group": "capital-world"}) + "\n" for i, line in enumerate(
+      ["Athens Greece Oslo Norway", "Paris France Rome Italy", "Lima Peru Cairo Egypt"])))
+  out = cli("eval", "--suite", "capability", "--run", str(run), "--dense", str(dense),
+            "--clozes", str(words), env_dir=tmp_path)
+  assert out.returncode == 0, out.stderr
+  cap = json.loads((run / "eval" / "capability.json").read_text())
+  assert cap["documents"] == {"held_out": 6, "clozes": 6, "clozes_skipped": None}
+  rows = {(r["model"], r["metric"]): r for r in cap["rows"]}
+  assert set(rows) == {(m, k) for m in ("null sink-off/exclude", "null backbone", "dense")
+                       for k in ("cloze_accuracy", "cloze_log_tr", "held_out_nll")}
+  for r in rows.values():
+    assert r["ci_low"] <= r["mean"] <= r["ci_high"] and (r["vs_dense"] is None) == (r["model"] == "dense")
+  assert set(cap["perplexity"]) == {"null sink-off/exclude", "null backbone", "dense"}
+  page = (run / "eval" / "index.md").read_text()
+  for title in ("Truth Ratio of probe facts", "Membership inference", "Verbatim extraction",
+                "Relearning attack", "GCG extraction", "Capability"):
+    assert f"## {title}" in page
+  assert "![relearn](relearn.png)" in page and "![capability](capability.png)" in page

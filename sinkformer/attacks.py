@@ -1,0 +1,144 @@
+"""Attacks on an unlearned model (method.md section 4), every condition side by side with the
+retrain oracle: relearning (`sinkformer eval --suite relearn`) and GCG extraction scored by
+the adversarial compression ratio (`--suite gcg`). Budgets come from the run's `eval`
+config section (`--set relearn.steps=20`, `--set gcg.steps=100`, ... override them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sinkformer import gcg, posthoc, serving
+from sinkformer.errors import UserError
+from sinkformer.evaluate import (Context, categories, doc_condition, documents, fact_truth_ratios,
+                                 load_facts, pyplot, write_page, write_table)
+
+
+def relearn_suite(ctx: Context) -> dict:
+  """Fine-tune each model on half of the forget documents (A) for `relearn.steps` steps and,
+  after each step, measure the mean token NLL of the other half (B) and, with probe facts,
+  the mean log Truth Ratio of the facts about B's sources (per category).
+
+  The mask active while the attacker fine-tunes (and while B is measured) is
+  `relearn.mask` for the NULL and the oracle: sink-off/exclude (default: the deployed path,
+  forget units zeroed, so they get no gradient), sink-off/route, sink-on (the forget sources'
+  own masks: an attacker holding the weights and the seeded mask function) or backbone.
+  The dense control and post-hoc copies are attacked through their only path.
+  """
+  s = ctx.settings.relearn
+  conditions = ctx.conditions([s.mask])
+  cap = serving.load_config(ctx.run).data.seq_len
+  docs = documents(ctx.run, conditions[0][1].forget, cap=cap)[0]
+  if len(docs) < 2:
+    raise UserError("the relearning attack needs at least two forget documents")
+  part_a, part_b = docs[::2], docs[1::2]
+  cat = conditions[0][1].server.board.catalog
+  measured = {cat.get(src)["key"] for src, _ in part_b} - {cat.get(src)["key"] for src, _ in part_a}
+  facts = [f for f in load_facts(ctx.probes) if f["source"] in measured] if ctx.probes else []
+
+  curves = {}
+  for label, scorer in conditions:
+    name = s.mask if label == "retrain" else label   # the oracle: same mask as the NULL
+    batches = {}
+    for part, chosen in (("a", part_a), ("b", part_b)):
+      sources, mode, exclude = doc_condition(scorer, name, chosen)
+      batches[part] = posthoc.rows([list(t) for _, t in chosen], sources, 8)
+    tuner = posthoc.Finetuner(scorer.server.setup, scorer.server.params, "relearn", s.lr,
+                              mode=mode, exclude=exclude)
+    curve = {}
+
+    def measure():
+      curve.setdefault("nll", []).append(
+          posthoc.nll(scorer.server.setup, tuner.params, batches["b"], mode, exclude))
+      if facts:
+        tr = fact_truth_ratios(scorer, name, facts, tuner.params)
+        for category in categories(facts):
+          mask = np.asarray([f["category"] == category for f in facts])
+          curve.setdefault(f"log_tr/{category}", []).append(float(np.mean(np.log(tr[mask]))))
+
+    measure()
+    for i in range(s.steps):
+      tuner.step(batches["a"][i % len(batches["a"])])
+      measure()
+    curves[label] = curve
+
+  rows = []
+  for label, curve in curves.items():
+    for metric, values in curve.items():
+      rows.append({"condition": label, "metric": metric, "before": values[0],
+                   "after": values[-1], "change": values[-1] - values[0]})
+  result = {"run": ctx.run, "oracle": ctx.oracle, "steps": s.steps, "lr": s.lr,
+            "attack_mask": f"{s.mask} for the NULL and the oracle; own path otherwise",
+            "documents": {"finetune": len(part_a), "measured": len(part_b),
+                          "measured_facts": len(facts)},
+            "curves": curves, "rows": rows}
+  write_table(ctx.out, "relearn", result, ["condition", "metric", "before", "after", "change"])
+  _plot_curves(ctx.out, curves, s.mask)
+  write_page(ctx.out)
+  return result
+
+
+def _plot_curves(out_dir: str, curves: dict, mask: str):
+  plt = pyplot()
+  metrics = list(dict.fromkeys(m for c in curves.values() for m in c))
+  fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
+  for ax, metric in zip(axes[0], metrics):
+    for label, curve in curves.items():
+      ax.plot(range(len(curve[metric])), curve[metric], marker="o", label=label)
+    ax.set_xlabel(f"fine-tuning steps on half of the forget set (mask: {mask})")
+    ax.set_ylabel("NLL per token on the other half" if metric == "nll"
+                  else f"mean {metric.replace('/', ' of ')} facts of the other half")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(f"{out_dir}/relearn.png", dpi=100)
+  plt.close(fig)
+
+
+GCG_CONDITIONS = ("sink-on", "sink-off/exclude", "sink-off/route", "backbone")
+
+
+def gcg_suite(ctx: Context) -> dict:
+  """For `gcg.targets` forget documents, the target is `gcg.target_len` tokens of the text
+  after its first max(`gcg.lengths`) tokens (the prefix a "prefix" search starts from); GCG
+  searches each prompt length of `gcg.lengths` in turn for a prompt that makes
+  the model emit it greedily. ACR = target length / shortest successful length; a passage is
+  memorised when ACR > 1. The NULL's conditions are routed as the document's own opening
+  would be (under exclude, the forget units are zeroed whatever the route)."""
+  g = ctx.settings.gcg
+  budget = gcg.Budget.from_config(g)
+  conditions = ctx.conditions(GCG_CONDITIONS)
+  skip = 1 + max(budget.lengths)   # BOS + the longest prompt's prefix
+  docs = [(s, t) for s, t in documents(ctx.run, conditions[0][1].forget)[0]
+          if len(t) >= skip + g.target_len][:g.targets]
+  if not docs:
+    raise UserError(f"no forget document has {skip + g.target_len} tokens (BOS, "
+                    f"{skip - 1} of prefix, {g.target_len} of target)")
+  rows, found = [], {}
+  for name, scorer in conditions:
+    sources, mode, exclude = doc_condition(scorer, name, docs)
+    results = [gcg.shortest_prompt(scorer.server.setup, scorer.server.params,
+                                   list(t[skip:skip + g.target_len]), list(t[1:skip]),
+                                   int(source), exclude, mode, budget,
+                                   scorer.server.tokenizer.bos, seed=i)
+               for i, ((_, t), source) in enumerate(zip(docs, sources))]
+    acr = [g.target_len / r["prompt_tokens"] if r["prompt_tokens"] else None for r in results]
+    hits = [a for a in acr if a is not None]
+    found[name] = acr
+    rows.append({"condition": name, "targets": len(docs), "found": len(hits) / len(docs),
+                 "memorised": sum(a > 1 for a in hits) / len(docs),
+                 "mean_acr_found": float(np.mean(hits)) if hits else None,
+                 "mean_target_nll": float(np.mean([r["loss"] for r in results]))})
+    print(f"gcg {name}: {len(hits)}/{len(docs)} targets reproduced", flush=True)
+  result = {"run": ctx.run, "oracle": ctx.oracle, "budget": dict(g), "acr": found, "rows": rows}
+  write_table(ctx.out, "gcg", result, ["condition", "targets", "found", "memorised",
+                                       "mean_acr_found", "mean_target_nll"])
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.bar(range(len(rows)), [r["memorised"] for r in rows])
+  ax.set_xticks(range(len(rows)), [r["condition"] for r in rows], rotation=30, ha="right")
+  ax.set_ylabel(f"targets with ACR > 1 ({g.target_len}-token passages)")
+  fig.tight_layout()
+  fig.savefig(f"{ctx.out}/gcg.png", dpi=100)
+  plt.close(fig)
+  write_page(ctx.out)
+  return result
