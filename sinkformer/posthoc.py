@@ -116,9 +116,11 @@ def save_run(source_run: str, out: str, params, step: int, note: dict):
 
 
 def unlearn(run_dir: str, forget: list[str], method: str, steps: int, lr: float, beta: float,
-            out: str, batch_size: int = 8, retain: int = 64, log=print) -> list[float]:
+            out: str, batch_size: int = 8, retain: int = 64, epochs: int = 0,
+            log=print) -> list[float]:
   """Apply a post-hoc method to a run (normally the dense control) and save the result as a
-  run in `out`. Retain set: `retain` documents of sources outside the forget set."""
+  run in `out`. Retain set: `retain` documents of sources outside the forget set. `epochs`
+  > 0 replaces `steps` by that many passes over the forget documents."""
   from sinkformer import evaluate, serving
   scorer = evaluate.Scorer(run_dir, forget)
   cfg, _ = serving.trained_config(run_dir)
@@ -132,11 +134,13 @@ def unlearn(run_dir: str, forget: list[str], method: str, steps: int, lr: float,
   f_rows = rows([list(t) for _, t in forget_docs], own(forget_docs), batch_size)
   r_rows = rows([list(t) for _, t in retained], own(retained), batch_size) if retained else None
   tuner = Finetuner(setup, scorer.server.params, method, lr, beta, mode)
+  steps = epochs * len(f_rows) if epochs else steps
   losses = []
   for i in range(steps):
     losses.append(tuner.step(f_rows[i % len(f_rows)],
                              r_rows[i % len(r_rows)] if r_rows and method != "ga" else None))
     log(f"{method} step {i + 1}/{steps}: loss {losses[-1]:.4f}")
   save_run(run_dir, out, tuner.params, scorer.server.step + steps,
-           {"method": method, "steps": steps, "lr": lr, "beta": beta, "forget": forget})
+           {"method": method, "steps": steps, "epochs": epochs or None, "lr": lr, "beta": beta,
+            "retain": retain, "forget": forget})
   return losses

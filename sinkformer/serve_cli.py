@@ -259,6 +259,8 @@ def _posthoc_flags(fv, argv):
                     flag_values=fv)
   flags.DEFINE_integer("steps", 10, "optimizer steps (batches of the forget set, cycling)",
                        flag_values=fv)
+  flags.DEFINE_integer("epochs", 0, "passes over the forget documents (replaces --steps)",
+                       flag_values=fv)
   flags.DEFINE_float("lr", 1e-4, "learning rate", flag_values=fv)
   flags.DEFINE_float("beta", 0.1, "NPO's beta", flag_values=fv)
   flags.DEFINE_integer("retain", 64, "retain documents (graddiff, npo)", flag_values=fv)
@@ -268,7 +270,7 @@ def _posthoc_flags(fv, argv):
 def _posthoc(fv):
   from sinkformer import data, posthoc
   posthoc.unlearn(fv.run, data.parse_refs(fv.forget), fv.method, fv.steps, fv.lr, fv.beta,
-                  fv.workdir, retain=fv.retain)
+                  fv.workdir, retain=fv.retain, epochs=fv.epochs)
   print(f"{fv.method}: unlearned copy written to {fv.workdir}")
 
 

@@ -89,9 +89,10 @@ def test_oracle_and_facts_suite(tmp_path):
   out = cli("train", *train[:1], "experiments/quickstart.py:smoke,dense", *train[2:],
             "--workdir", str(dense), env_dir=tmp_path)
   assert out.returncode == 0, out.stderr
-  out = cli("posthoc", "--run", str(dense), "--forget", FORGET, "--method", "npo", "--steps", "2",
+  out = cli("posthoc", "--run", str(dense), "--forget", FORGET, "--method", "npo", "--epochs", "2",
             "--workdir", str(npo), env_dir=tmp_path)
   assert out.returncode == 0, out.stderr
+  assert "npo step 2/2" in out.stdout   # 3 forget documents = one batch of 8 per epoch
   out = cli("eval", "--suite", "relearn", "--run", str(run), "--forget", FORGET, "--oracle",
             str(oracle), "--dense", str(dense), "--posthoc", f"npo={npo}", "--set",
             "relearn.steps=2", "--facts", f"{enc}/facts.jsonl", env_dir=tmp_path)
