@@ -62,3 +62,18 @@ def test_bad_input_is_reported(tmp_path):
     probes.write(str(path), str(tmp_path / "p.jsonl"))
   with pytest.raises(UserError, match="sinkformer data fetch wiki-vital"):
     probes.write(str(tmp_path / "missing.jsonl"), str(tmp_path / "p.jsonl"))
+
+
+def test_cli_writes_probes_the_facts_suite_reads(tmp_path):
+  import subprocess
+  import sys
+  from sinkformer import evaluate
+  path = tmp_path / "c.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in corpus()))
+  out = subprocess.run([sys.executable, "-m", "sinkformer", "data", "probes", "--corpus",
+                        str(path), "--out", str(tmp_path / "p.jsonl")], capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert "6 unique" in out.stdout and "2 shared" in out.stdout and "6 description" in out.stdout
+  facts = evaluate.load_facts(str(tmp_path / "p.jsonl"))
+  assert evaluate.categories(facts) == ["description", "unique", "shared"]
