@@ -3,16 +3,23 @@
 Generate the fictional encyclopedia -> train the NULL on it -> train its retrain oracle
 without the forget set -> train the dense control -> unlearn the forget set from the dense
 control with NPO and gradient ascent -> unlearn it from the NULL (the switchboard) ->
-generate before/after -> measure facts, membership inference and relearning for every
-condition side by side. Every step writes into WORKDIR; a step whose output exists is not
-redone, so an interrupted story resumes.
+generate before/after -> measure facts, membership inference, verbatim extraction,
+relearning, GCG extraction (a small budget: STORY_GCG) and capability for every condition
+side by side, all on one page (WORKDIR/eval/index.md). Every step writes into WORKDIR; a
+step whose output exists is not redone, so an interrupted story resumes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
-from sinkformer import encyclopedia, evaluate, posthoc, serving, switchboard, train
+from sinkformer import attacks, capability, encyclopedia, evaluate, fetch, posthoc, serving
+from sinkformer import switchboard, train
+from sinkformer.errors import UserError
+
+# GCG on every condition costs minutes on 2 cores; the story takes a quick look.
+STORY_GCG = ["gcg.targets=4", "gcg.lengths=(4, 8, 16)", "gcg.steps=10", "gcg.candidates=32"]
 
 
 def _phase(title: str):
@@ -66,14 +73,31 @@ def run(cfg, workdir: str, people: int = 400, forget: int = 20, holdout: int = 2
   print(f"after, {after['mode']} -> {after['source']}: {prompt} >> {after['text']}")
 
   others = {"dense": runs["dense"], "npo": runs["npo"], "ga": runs["ga"]}
-  out = os.path.join(workdir, "eval")
-  _phase("facts: Truth Ratio per category and condition")
-  facts = evaluate.facts_suite(runs["null"], os.path.join(enc, "facts.jsonl"), forget_keys,
-                               runs["oracle"], others, out)
-  _phase("membership inference")
-  mia = evaluate.mia_suite(runs["null"], forget_keys, runs["oracle"], others, out)
-  _phase(f"relearning attack ({relearn_steps} steps)")
-  relearn = evaluate.relearn_suite(runs["null"], forget_keys, runs["oracle"], others, out,
-                                   relearn_steps)
-  print(f"\ntables and plots in {out}/ (facts.md, mia.md, relearn.md, *.png)")
-  return {"facts": facts, "mia": mia, "relearn": relearn}
+  try:
+    clozes = fetch.fetch("questions-words")
+  except UserError as e:
+    print(f"capability: world-fact clozes skipped: {e}")
+    clozes = None
+  ctx = evaluate.Context(runs["null"], forget_keys, runs["oracle"], others,
+                         os.path.join(workdir, "eval"),
+                         evaluate.settings(runs["null"], [f"relearn.steps={relearn_steps}",
+                                                          *STORY_GCG]),
+                         os.path.join(enc, "facts.jsonl"), clozes)
+  results = {}
+  for name, title, suite in (
+      ("facts", "facts: Truth Ratio per category and condition", evaluate.facts_suite),
+      ("mia", "membership inference", evaluate.mia_suite),
+      ("extraction", "verbatim extraction", evaluate.extraction_suite),
+      ("relearn", f"relearning attack ({relearn_steps} steps)", attacks.relearn_suite),
+      ("gcg", "GCG extraction (adversarial compression ratio)", attacks.gcg_suite),
+      ("capability", "capability: NULL vs dense control", capability.capability_suite)):
+    _phase(title)
+    done = os.path.join(ctx.out, f"{name}.json")
+    if os.path.exists(done):   # a resumed story: measured already
+      with open(done) as f, open(os.path.join(ctx.out, f"{name}.md")) as table:
+        results[name] = json.load(f)
+        print(table.read(), end="")
+    else:
+      results[name] = suite(ctx)
+  print(f"\nall tables and plots on one page: {ctx.out}/index.md")
+  return results

@@ -16,13 +16,18 @@ def test_story_runs_every_phase_and_resumes(tmp_path):
   out = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   for phase in ("train null", "train oracle", "train dense", "post-hoc npo", "post-hoc ga",
-                "facts:", "membership inference", "relearning attack"):
+                "facts:", "membership inference", "verbatim extraction", "relearning attack",
+                "GCG extraction", "capability"):
     assert f"=== {phase}" in out.stdout
   assert "unlearned 4 sources" in out.stdout and "before, source:person-000000" in out.stdout
   facts = json.loads((tmp_path / "s" / "eval" / "facts.json").read_text())
   assert {"sink-on", "retrain", "dense", "npo", "ga"} <= {r["condition"] for r in facts["rows"]}
-  for name in ("facts.md", "mia.md", "relearn.md", "facts_truth_ratio.png", "relearn.png"):
+  for name in ("facts.md", "mia.md", "extraction.md", "relearn.md", "gcg.md", "capability.md",
+               "facts_truth_ratio.png", "relearn.png", "gcg.png", "capability.png", "index.md"):
     assert (tmp_path / "s" / "eval" / name).exists()
+  gcg = json.loads((tmp_path / "s" / "eval" / "gcg.json").read_text())
+  assert gcg["budget"]["steps"] == 10 and {"npo", "ga"} <= {r["condition"] for r in gcg["rows"]}
   again = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
   assert again.returncode == 0 and "=== train null" not in again.stdout   # nothing retrained
   assert "unlearned 0 sources" in again.stdout
+  assert again.stdout.count("| sink-on |") >= 2   # tables measured before are shown again
