@@ -13,6 +13,7 @@ NLL is per token. The sink gate while fine-tuning is the caller's choice (`rows`
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from functools import partial
@@ -77,6 +78,13 @@ def nll(setup, params, batches: list[dict], mode: str, exclude) -> float:
   return float(sum(s for s, _ in sums) / max(sum(n for _, n in sums), 1))
 
 
+@functools.cache
+def _optimizer(lr: float) -> optax.GradientTransformation:
+  """One object per learning rate: `_step` takes it as a static argument (hashed by
+  identity), so fine-tuning runs of one architecture share the compiled step."""
+  return optax.adamw(lr, weight_decay=0.0)
+
+
 class Finetuner:
   """Steps of one method over cycling batches; `params` is the current model."""
 
@@ -85,7 +93,7 @@ class Finetuner:
     if method not in METHODS:
       raise UserError(f"unknown method {method!r}; expected one of {METHODS}")
     self.setup, self.method, self.beta, self.mode, self.exclude = setup, method, beta, mode, exclude
-    self.tx = optax.adamw(lr, weight_decay=0.0)
+    self.tx = _optimizer(lr)
     self.params, self.ref = params, params
     self.opt = self.tx.init(params)
 

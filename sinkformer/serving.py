@@ -177,6 +177,20 @@ def _mean_features_impl(setup, params, tokens, seg):
 _mean_features = jax.jit(_mean_features_impl, static_argnums=0)
 
 
+_SETUPS: dict[str, train.Setup] = {}
+
+
+def shared_setup(cfg) -> train.Setup:
+  """One single-device Setup per architecture and optimizer config. Jitted functions take the
+  Setup as a static argument (hashed by identity), so runs that share one (a NULL and its
+  retrain oracle; the dense control and its post-hoc copies) share compiled code too."""
+  key = json.dumps([cfg.model.to_dict(), cfg.sinks.to_dict(), cfg.train.to_dict(),
+                    cfg.data.max_docs_per_row], sort_keys=True)
+  if key not in _SETUPS:
+    _SETUPS[key] = train.build(cfg, jax.devices()[:1])
+  return _SETUPS[key]
+
+
 class Server:
   """One run on one device: its newest checkpoint (or `step`), tokenizer, switchboard,
   exclusion mask and router."""
@@ -192,7 +206,7 @@ class Server:
       raise UserError(f"unknown router text {self.router_text!r}; expected one of {ROUTER_TEXTS}")
     if self.policy not in POLICIES:
       raise UserError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
-    self.setup = train.build(cfg, jax.devices()[:1])
+    self.setup = shared_setup(cfg)
     ckpts, self.step = checkpoint.locate(os.path.join(run_dir, "checkpoints") if step is None
                                          else os.path.join(run_dir, "checkpoints", str(step)))
     state, meta = ckpts.restore(self.step, train.abstract_state(self.setup))
