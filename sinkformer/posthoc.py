@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +57,7 @@ def _loss(setup, method, beta, mode, params, ref, forget, retain, exclude):
   return loss
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _step(setup, method, beta, mode, tx, params, opt, ref, forget, retain, exclude):
   loss, grads = jax.value_and_grad(
       lambda p: _loss(setup, method, beta, mode, p, ref, forget, retain, exclude))(params)
@@ -66,7 +65,7 @@ def _step(setup, method, beta, mode, tx, params, opt, ref, forget, retain, exclu
   return optax.apply_updates(params, updates), opt, loss
 
 
-@partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def _nll_sums(setup, mode, params, batch, exclude):
   logp, n = _sequence_logp(setup, params, batch, mode, exclude)
   return -logp.sum(), n.sum()
