@@ -37,18 +37,23 @@ CONDITIONS = ("sink-off/exclude", "backbone")
 def clozes(path: str, count: int, seed: int = 0) -> list[dict]:
   """Up to `count` cloze facts drawn (seeded) from the distinct word pairs of questions-words'
   sections in TEMPLATES (330 exist)."""
+  pairs = {}
   try:
     with open(path) as f:
-      lines = [json.loads(line) for line in f if line.strip()]
+      for number, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
+        try:
+          r = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise UserError(f"{path}:{number}: malformed line: {e.msg}") from None
+        words = r.get("text", "").split()
+        if r.get("group") in TEMPLATES and len(words) == 4:   # analogy: a b c d
+          for a, b in ((words[0], words[1]), (words[2], words[3])):
+            pairs[(r["group"], a, b)] = None
   except OSError:
     raise UserError(f"no questions-words at {path}: run 'sinkformer data fetch questions-words' "
                     "(or pass --clozes FILE)") from None
-  pairs = {}
-  for r in lines:
-    if r.get("group") in TEMPLATES:
-      words = r["text"].split()
-      for a, b in ((words[0], words[1]), (words[2], words[3])):
-        pairs[(r["group"], a, b)] = None
   if not pairs:
     raise UserError(f"{path} has no questions-words sections ({', '.join(TEMPLATES)})")
   answers = {}
@@ -62,6 +67,8 @@ def clozes(path: str, count: int, seed: int = 0) -> list[dict]:
     template, which = TEMPLATES[section]
     answer = a if which == "a" else b
     pool = sorted(answers[section] - {answer})
+    if len(pool) < DISTRACTORS:   # a section too small to ask fairly
+      continue
     items.append({"relation": section, "prompt": template.format(a=a, b=b), "answer": answer,
                   "distractors": [pool[j] for j in rng.choice(len(pool), DISTRACTORS, False)]})
     if len(items) == count:
