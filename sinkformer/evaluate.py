@@ -22,6 +22,7 @@ changed):
 from __future__ import annotations
 
 import ast
+import collections
 import dataclasses
 import json
 import os
@@ -185,14 +186,20 @@ def categories(facts) -> list[str]:
   return list(dict.fromkeys(f["category"] for f in facts))
 
 
-def facts_suite(ctx: Context, retained: int = 200) -> dict:
+def facts_suite(ctx: Context, retained: int = 100) -> dict:
+  """Truth Ratios of the forget set's facts and of up to `retained` facts per category about
+  other sources (what unlearning costs them), every condition vs the retrain oracle."""
   if not ctx.probes:
     raise UserError("--suite facts needs --facts FILE (from 'sinkformer data encyclopedia' or "
                     "'sinkformer data probes')")
   facts = load_facts(ctx.probes)
   forget_keys = ctx.forget_keys()
   items = [f for f in facts if f["source"] in forget_keys]
-  kept = [f for f in facts if f["source"] not in forget_keys][:retained]
+  kept, per_category = [], collections.Counter()
+  for f in facts:
+    if f["source"] not in forget_keys and per_category[f["category"]] < retained:
+      per_category[f["category"]] += 1
+      kept.append(f)
   if not items:
     raise UserError(f"no probe in {ctx.probes} is about the forget set")
   sets = {"forget": items, "retained": kept}
