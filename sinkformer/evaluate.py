@@ -56,7 +56,17 @@ def settings(run_dir: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
       parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       parsed = value
-    e[section][field] = type(e[section][field])(parsed)
+    current = e[section][field]
+    if isinstance(current, (list, tuple)):
+      ok = isinstance(parsed, (list, tuple))
+    elif isinstance(current, float):
+      ok = isinstance(parsed, (int, float)) and not isinstance(parsed, bool)
+    else:
+      ok = type(parsed) is type(current)
+    if not ok:   # e.g. 2.5 for a step count: refuse rather than truncate
+      raise UserError(f"--set {item!r}: {path} takes a {type(current).__name__}, "
+                      f"e.g. {path}={current!r}")
+    e[section][field] = list(parsed) if isinstance(current, (list, tuple)) else type(current)(parsed)
   config.validate_eval(e)
   return e
 

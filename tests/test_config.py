@@ -84,3 +84,14 @@ def test_mesh_infers_one_axis():
   cfg = config.load("experiments/quickstart.py")
   cfg.mesh.update(data=-1, fsdp=2, tensor=2)
   assert config.mesh_shape(cfg.mesh, 8) == (2, 2, 2)
+
+
+def test_eval_overrides_are_typed_like_the_field(tmp_path):
+  from sinkformer import evaluate
+  (tmp_path / "config.json").write_text("{}")   # a run from before the eval section: defaults
+  e = evaluate.settings(str(tmp_path), ["gcg.lengths=(2, 4)", "relearn.lr=1e-4", "relearn.steps=3"])
+  assert (list(e.gcg.lengths), e.relearn.lr, e.relearn.steps) == ([2, 4], 1e-4, 3)
+  for bad, msg in (("relearn.steps=2.5", "takes a int"), ("gcg.lengths=5", "takes a list"),
+                   ("gcg.stepz=3", "gcg.steps"), ("relearn.mask=weights", "eval.relearn.mask")):
+    with pytest.raises(UserError, match=msg):
+      evaluate.settings(str(tmp_path), [bad])
