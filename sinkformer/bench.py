@@ -221,7 +221,7 @@ def scale(num_docs: int, directory: str, lookups: int = 20000, group_size: int =
 
   cat = catalog_lib.Catalog(os.path.join(out, "catalog.sqlite"))
   ids = rng.integers(1, num_docs + 1, lookups)
-  kinds = {"id": ids.tolist(), "key": [f"p{i - 1}" for i in ids],
+  kinds = {"id": [f"id:{i}" for i in ids], "key": [f"p{i - 1}" for i in ids],
            "title": [f"  PERSON {i - 1} " for i in ids]}
   latency = {}
   for kind, refs in kinds.items():
@@ -307,12 +307,12 @@ def unlearning(run_dir: str, catalog: str | None = None, requests: int = 200,
     times = []
     for i in ids[:requests]:
       t0 = time.perf_counter()
-      server.board.unlearn([str(i)], "bench")
+      server.board.unlearn([f"id:{i}"], "bench")
       server.refresh()
       server.exclusion()
       times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    server.board.unlearn([str(i) for i in ids[requests:]], "bench")
+    server.board.unlearn([f"id:{i}" for i in ids[requests:]], "bench")
     server.refresh()
     server.exclusion()
     batch_s = time.perf_counter() - t0

@@ -4,6 +4,12 @@ Ids are 1..N, assigned once in order of first appearance and never reused (AUTOI
 and stay below 2**31 so they fit the int32 `source_ids` the model sees (0 = no source).
 Titles are also stored normalised (NFKC, case-folded, whitespace collapsed) so a lookup by
 any spelling variant finds the source. `status` is the switch unlearning flips later.
+
+A reference names sources explicitly (`id:12`, `key:person-7`, `title:Alan Turing`, `group:Emma`)
+or bare (`12`, `Alan Turing`), in which case every reading is tried. Whatever can mean more than
+one source (a bare `1` that is one source's id and another's title, a title two sources share, a
+bare group name) is refused with the candidates listed, unless the caller asks for every match:
+an erasure must never hit a source nobody meant.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ CREATE TABLE IF NOT EXISTS sources (
   tokens INTEGER NOT NULL DEFAULT 0,
   status TEXT NOT NULL DEFAULT 'active');
 CREATE INDEX IF NOT EXISTS sources_title ON sources(title_norm);
+CREATE INDEX IF NOT EXISTS sources_grp ON sources(grp COLLATE NOCASE);
 CREATE TABLE IF NOT EXISTS documents (
   id INTEGER PRIMARY KEY,           -- the record's index in the prepared shards
   key TEXT NOT NULL UNIQUE,
@@ -89,29 +96,52 @@ class Catalog:
   def __len__(self) -> int:
     return self.db.execute("SELECT count(*) FROM sources").fetchone()[0]
 
-  def get(self, ref) -> dict | None:
-    """A source by id (int or digits), key, or title in any case/whitespace variant."""
-    cols = "id, key, title, grp, documents, tokens, status"
+  def lookup(self, ref, all_matching: bool = False) -> list[dict]:
+    """Every source `ref` names ([] if none). Explicit forms read one way (`group:` means the
+    whole group); a bare reference is tried as an id (if digits), key, title and group. More
+    than one source is an `Ambiguous` error unless `all_matching` (or `group:`)."""
     ref_s = str(ref).strip()
-    if ref_s.isdigit():
-      row = self.db.execute(f"SELECT {cols} FROM sources WHERE id = ?", (int(ref_s),)).fetchone()
-      if row:
-        return row_dict(row)
-    row = self.db.execute(f"SELECT {cols} FROM sources WHERE key = ?", (ref_s,)).fetchone()
-    row = row or self.db.execute(f"SELECT {cols} FROM sources WHERE title_norm = ?",
-                                 (normalize(ref_s),)).fetchone()
-    return row_dict(row) if row else None
+    form, colon, rest = ref_s.partition(":")
+    forms = (form,) if colon and form in FORMS else FORMS
+    value = rest.strip() if forms != FORMS else ref_s
+    found: dict[int, tuple[dict, list[str]]] = {}
+    for f in forms:
+      if f == "id" and not value.isdigit():
+        if forms != FORMS:
+          raise UserError(f"{ref_s!r}: an id is a number, e.g. id:12")
+        continue
+      for row in self._match(f, value):
+        found.setdefault(row["id"], (row, []))[1].append(f)
+    rows = [row for row, _ in found.values()]
+    if len(rows) > 1 and not (all_matching or forms == ("group",)):
+      raise Ambiguous(ref_s, [(row, how) for row, how in found.values()])
+    return rows
 
-  def resolve(self, refs) -> list[int]:
-    """Source ids of keys/titles/ids; an unknown reference is an error naming it."""
-    ids, unknown = [], []
+  def _match(self, form: str, value: str) -> list[dict]:
+    where, arg = {"id": ("id = ?", int(value) if value.isdigit() else -1),
+                  "key": ("key = ?", value), "title": ("title_norm = ?", normalize(value)),
+                  "group": ("grp = ? COLLATE NOCASE", " ".join(value.split()))}[form]
+    return [row_dict(r) for r in self.db.execute(f"SELECT {COLUMNS} FROM sources WHERE {where} "
+                                                 "ORDER BY id", (arg,))]
+
+  def get(self, ref) -> dict | None:
+    """The one source `ref` names, or None; `Ambiguous` if it names several."""
+    rows = self.lookup(ref)
+    return rows[0] if rows else None
+
+  def resolve(self, refs, all_matching: bool = False) -> list[dict]:
+    """The sources of every reference (each once, in order); unknown references are one
+    error naming them, ambiguous ones an `Ambiguous` error listing the candidates."""
+    found, unknown = {}, []
     for ref in refs:
-      row = self.get(ref)
-      (unknown.append(ref) if row is None else ids.append(row["id"]))
+      rows = self.lookup(ref, all_matching)
+      if not rows:
+        unknown.append(ref)
+      found.update((r["id"], r) for r in rows)
     if unknown:
       shown = ", ".join(map(repr, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
       raise UserError(f"unknown source(s) in {self.path}: {shown}")
-    return ids
+    return list(found.values())
 
   def max_id(self) -> int:
     return self.db.execute("SELECT coalesce(max(id), 0) FROM sources").fetchone()[0]
@@ -124,8 +154,27 @@ class Catalog:
     return h.hexdigest()
 
 
+FORMS = ("id", "key", "title", "group")
+COLUMNS = "id, key, title, grp, documents, tokens, status"
+
+
 def row_dict(row) -> dict:
   return dict(zip(("id", "key", "title", "group", "documents", "tokens", "status"), row))
+
+
+class Ambiguous(UserError):
+  """A reference that names more than one source, where one was meant."""
+
+  def __init__(self, ref: str, candidates: list[tuple[dict, list[str]]]):
+    self.ref, self.candidates = ref, [row for row, _ in candidates]
+    shown = "; ".join(f"id:{r['id']} (key {r['key']!r}, title {r['title']!r}"
+                      + (f", group {r['group']!r}" if r["group"] else "")
+                      + f", {r['status']}; matched as {'/'.join(how)})"
+                      for r, how in candidates[:10])
+    more = f"; and {len(candidates) - 10} more" if len(candidates) > 10 else ""
+    super().__init__(f"{ref!r} names {len(candidates)} sources: {shown}{more}. Name one "
+                     "explicitly (id:N, key:K, title:T), use group:NAME for a whole group, or "
+                     "ask for every match (--all-matching)")
 
 
 class _Transaction:

@@ -253,11 +253,11 @@ def _builtin(cfg) -> Data:
   train_set = in_memory("builtin", train.docs, train.sources, need)
   refs = []   # the built-in corpus evaluates "unseen" on its generated validation sources,
   for field in ("holdout", "exclude"):   # so holdout and exclude both just leave training
-    refs += parse_refs(d[field])
+    refs += [r.removeprefix("id:").strip() for r in parse_refs(d[field])]
     bad = [r for r in refs if not (r.isdigit() and 1 <= int(r) <= d.num_sources)]
     if bad:
       raise ConfigError(f"data.{field}", f"unknown built-in source(s) {bad[:5]}: built-in "
-                        f"sources are ids 1..{d.num_sources}")
+                        f"sources are ids 1..{d.num_sources} (N or id:N)")
   keep = ~np.isin(train_set.source_ids, np.asarray([int(r) for r in refs], np.int32))
   seen = DocStream(train_set, keep, d.seq_len, d.max_docs_per_row, cfg.seed)
   unseen = DocStream(in_memory("builtin-val", val.docs, val.sources, need), None, d.seq_len,
@@ -380,8 +380,8 @@ def _selection(docs: DocSet, cfg) -> tuple[np.ndarray, np.ndarray]:
   d = cfg.data
   cat = catalog_lib.Catalog(os.path.join(docs.path, "catalog.sqlite"))
   try:
-    excluded = np.asarray(cat.resolve(parse_refs(d.exclude)), np.int32) + docs.id_offset
-    held = np.asarray(cat.resolve(parse_refs(d.holdout)), np.int32) + docs.id_offset
+    excluded, held = (np.asarray([r["id"] for r in cat.resolve(parse_refs(refs))], np.int32)
+                      + docs.id_offset for refs in (d.exclude, d.holdout))
   finally:
     cat.close()
   ids = np.unique(docs.source_ids)

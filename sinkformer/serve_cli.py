@@ -20,7 +20,8 @@ def _refs(args, file):
     from sinkformer import data
     refs += data.parse_refs("@" + file)
   if not refs:
-    raise UserError("name at least one source (key, title, id or group), or --file")
+    raise UserError("name at least one source (id:N, key:K, title:T, group:G, or a bare "
+                    "name), or --file")
   return refs
 
 
@@ -29,12 +30,15 @@ def _unlearn_flags(fv, argv):
   flags.DEFINE_string("reason", None, "why (kept in the ledger)", flag_values=fv)
   flags.DEFINE_string("who", None, "who asked (default: this user)", flag_values=fv)
   flags.DEFINE_string("file", None, "a file of sources, one per line", flag_values=fv)
+  flags.DEFINE_boolean("all_matching", False, "take every source a reference names (a title "
+                       "several sources share, a bare name that is one source's id and "
+                       "another's title) instead of refusing it as ambiguous", flag_values=fv)
 
 
 def _unlearn(fv, args):
   from sinkformer import switchboard
   board = switchboard.Switchboard(fv.run)
-  result = board.unlearn(_refs(args, fv.file), fv.reason, fv.who)
+  result = board.unlearn(_refs(args, fv.file), fv.reason, fv.who, fv.all_matching)
   board.close()
   print(f"unlearned {len(result['changed'])} source(s)"
         + (f" (request {result['request_id']})" if result["request_id"] else "")
@@ -46,7 +50,7 @@ def _reactivate(fv, args):
   cfg = serving.load_config(fv.run)
   board = switchboard.Switchboard(fv.run)
   result = board.reactivate(_refs(args, fv.file), fv.reason, fv.who,
-                            allowed=cfg.unlearn.allow_reactivation)
+                            allowed=cfg.unlearn.allow_reactivation, all_matching=fv.all_matching)
   board.close()
   print(f"reactivated {len(result['changed'])} source(s) (request {result['request_id']})")
 
@@ -79,7 +83,7 @@ def _show_flags(fv, argv):
 def _show(fv, args):
   from sinkformer import switchboard
   board = switchboard.Switchboard(fv.run)
-  for row in board.resolve(args):
+  for row in board.resolve(args, all_matching=True):   # showing every candidate is safe
     print(json.dumps(row))
     for entry in board.ledger(row["id"]):
       print(f"  {entry['at']}  {entry['action']}  request {entry['request_id']}  by "
@@ -196,7 +200,7 @@ def _oracle(fv):
   os.makedirs(fv.workdir, exist_ok=True)
   listing = os.path.join(os.path.abspath(fv.workdir), "forget.txt")
   with open(listing, "w") as f:   # ids for the built-in corpus, keys for prepared corpora
-    f.write("\n".join(str(r["id"] if builtin else r["key"]) for r in rows) + "\n")
+    f.write("\n".join(f"id:{r['id']}" if builtin else f"key:{r['key']}" for r in rows) + "\n")
   cfg.data.exclude = ",".join(filter(None, [cfg.data.exclude, "@" + listing]))
   print(f"oracle: training {fv.workdir} without {len(rows)} source(s) (listed in {listing})")
   train.train(cfg, fv.workdir)

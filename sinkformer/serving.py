@@ -292,7 +292,7 @@ class Server:
   def _describe(self, source_id: int) -> str | None:
     if source_id == 0:
       return None
-    row = self.board.catalog.get(source_id)
+    row = self.board.catalog.get(f"id:{source_id}")
     return f"{row['title']} (id {source_id})"
 
 

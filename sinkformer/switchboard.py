@@ -37,7 +37,6 @@ CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
   BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
   BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
-CREATE INDEX IF NOT EXISTS sources_group ON sources(grp);
 CREATE INDEX IF NOT EXISTS sources_status ON sources(status);
 """
 
@@ -89,36 +88,24 @@ class Switchboard:
   def close(self):
     self.catalog.close()
 
-  def resolve(self, refs) -> list[dict]:
-    """Sources named by id, key, title (any spelling) or group (all its sources); unknown
-    names are an error listing them."""
-    found, unknown = {}, []
-    for ref in refs:
-      row = self.catalog.get(ref)
-      rows = [row] if row else self._group(ref)
-      if not rows:
-        unknown.append(ref)
-      for r in rows:
-        found[r["id"]] = r
-    if unknown:
-      shown = ", ".join(map(repr, unknown[:5])) + (f" and {len(unknown) - 5} more"
-                                                   if len(unknown) > 5 else "")
-      raise UserError(f"unknown source(s): {shown}")
-    return list(found.values())
-
-  def _group(self, ref) -> list[dict]:
-    ref = " ".join(str(ref).split())
-    rows = self.db.execute("SELECT id, key, title, grp, documents, tokens, status FROM sources "
-                           "WHERE grp = ? COLLATE NOCASE", (ref,)).fetchall()
-    return [catalog_lib.row_dict(r) for r in rows]
+  def resolve(self, refs, all_matching: bool = False) -> list[dict]:
+    """Sources named by id, key, title (any spelling) or `group:` (all its sources); unknown
+    names are one error listing them, and a name that could mean several sources is refused
+    with the candidates (catalog.Ambiguous) unless `all_matching`."""
+    return self.catalog.resolve(refs, all_matching)
 
   def active(self, ref) -> dict:
-    """The source `ref` names, if it may be served; a Refused error if it was unlearned."""
+    """The one source `ref` names, if it may be served; a Refused error if it was unlearned.
+    A reference to several sources (a group, a shared title) is refused too: a mode serves
+    one source."""
     rows = self.resolve([ref])
     gone = [r for r in rows if r["status"] != "active"]
     if gone:
       raise Refused(f"source {ref!r} has been unlearned (request "
                     f"{self.last_request(gone[0]['id'])}); it cannot be served")
+    if len(rows) > 1:
+      raise UserError(f"{ref!r} names {len(rows)} sources; a mode serves one (name it by id:N "
+                      "or key:K)")
     return rows[0]
 
   def last_request(self, source_id: int) -> str | None:
@@ -126,14 +113,14 @@ class Switchboard:
                           "LIMIT 1", (source_id,)).fetchone()
     return row[0] if row else None
 
-  def _change(self, refs, action: str, why: str, who: str | None) -> dict:
+  def _change(self, refs, action: str, why: str, who: str | None, all_matching: bool) -> dict:
     to, frm = ("unlearned", "active") if action == "unlearn" else ("active", "unlearned")
     request = uuid.uuid4().hex[:16]
     who = who or getpass.getuser()
     at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
     self.db.execute("BEGIN IMMEDIATE")   # one writer; every row of the request or none
     try:
-      rows = self.resolve(refs)
+      rows = self.resolve(refs, all_matching)
       changing = [r["id"] for r in rows if r["status"] == frm]
       self.db.executemany("UPDATE sources SET status = ? WHERE id = ?",
                           ((to, i) for i in changing))
@@ -147,14 +134,15 @@ class Switchboard:
     return {"request_id": request if changing else None, "action": action,
             "changed": changing, "unchanged": [r["id"] for r in rows if r["status"] != frm]}
 
-  def unlearn(self, refs, why: str, who: str | None = None) -> dict:
-    return self._change(refs, "unlearn", why, who)
+  def unlearn(self, refs, why: str, who: str | None = None, all_matching: bool = False) -> dict:
+    return self._change(refs, "unlearn", why, who, all_matching)
 
-  def reactivate(self, refs, why: str, who: str | None = None, allowed: bool = False) -> dict:
+  def reactivate(self, refs, why: str, who: str | None = None, allowed: bool = False,
+                 all_matching: bool = False) -> dict:
     if not allowed:
       raise Refused("reactivating unlearned sources is off for this run (config "
                     "unlearn.allow_reactivation = False)")
-    return self._change(refs, "reactivate", why, who)
+    return self._change(refs, "reactivate", why, who, all_matching)
 
   def events_since(self, seq: int) -> tuple[list[tuple[str, int]], int]:
     """([(action, source id)], newest seq) of ledger rows after `seq`."""
@@ -173,16 +161,21 @@ class Switchboard:
 
   def search(self, text: str, limit: int = 20) -> list[dict]:
     """Sources whose title contains `text` (case-insensitive), active and unlearned."""
-    rows = self.db.execute("SELECT id, key, title, grp, documents, tokens, status FROM sources "
-                           "WHERE title_norm LIKE ? ORDER BY id LIMIT ?",
-                           (f"%{catalog_lib.normalize(text)}%", limit)).fetchall()
+    rows = self.db.execute(f"SELECT {catalog_lib.COLUMNS} FROM sources "
+                           "WHERE title_norm LIKE ? ESCAPE '\\' ORDER BY id LIMIT ?",
+                           (f"%{_like_escaped(catalog_lib.normalize(text))}%", limit)).fetchall()
     return [catalog_lib.row_dict(r) for r in rows]
 
   def page(self, status: str | None, offset: int, limit: int) -> list[dict]:
     where, args = ("WHERE status = ?", (status,)) if status else ("", ())
-    rows = self.db.execute("SELECT id, key, title, grp, documents, tokens, status FROM sources "
+    rows = self.db.execute(f"SELECT {catalog_lib.COLUMNS} FROM sources "
                            f"{where} ORDER BY id LIMIT ? OFFSET ?", (*args, limit, offset))
     return [catalog_lib.row_dict(r) for r in rows]
 
   def counts(self) -> dict:
     return dict(self.db.execute("SELECT status, count(*) FROM sources GROUP BY status"))
+
+
+def _like_escaped(text: str) -> str:
+  """`text` matched literally inside a LIKE pattern (its % and _ are not wildcards)."""
+  return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sinkformer import config, generate, model, serving, sinks, switchboard, train
+from sinkformer import catalog, config, generate, model, serving, sinks, switchboard, train
 from sinkformer.errors import UserError
 
 
@@ -42,7 +42,7 @@ def board_of(tmp_path, n=30, groups=3):
 
 def test_unlearn_by_any_name_is_idempotent_and_ledgered(tmp_path):
   b = board_of(tmp_path)
-  got = b.unlearn(["k1", "  title   2 ", "3", "SHELF1"], "user request", who="dpo")
+  got = b.unlearn(["k1", "  title   2 ", "3", "group:SHELF1"], "user request", who="dpo")
   shelf1 = {i for i in range(1, 31) if i % 3 == 1}
   assert set(got["changed"]) == {1, 2, 3} | shelf1 and got["request_id"]
   again = b.unlearn(["k1"], "again")
@@ -74,11 +74,48 @@ def test_reactivation_is_off_unless_allowed_and_ledgered(tmp_path):
 
 def test_refusals_by_every_name(tmp_path):
   b = board_of(tmp_path)
-  b.unlearn(["k7", "shelf2"], "x")
-  for ref in ("k7", "7", "title 7", "TITLE  7", "Title 8", "shelf2", "SHELF2"):
+  b.unlearn(["k7", "group:shelf2"], "x")
+  for ref in ("k7", "7", "id:7", "key:k7", "title 7", "TITLE  7", "title:Title 8", "Title 8",
+              "group:SHELF2"):
     with pytest.raises(switchboard.Refused, match="unlearned"):
       b.active(ref)
   assert b.active("k1")["id"] == 1
+
+
+def test_a_reference_that_can_mean_several_sources_is_refused_listing_them(tmp_path):
+  rows = [(1, "0", "0", None, 1, 10), (2, "1", "1", None, 1, 10),            # wiki-vital: "0", "1"
+          (3, "a", "Silo Rirsk", None, 1, 10), (4, "b", "silo  RIRSK", None, 1, 10),
+          (5, "c", "Emma", "Emma", 1, 10), (6, "d", "Emma, chapter 2", "Emma", 1, 10)]
+  switchboard.create(str(tmp_path), None, rows)
+  b = switchboard.Switchboard(str(tmp_path))
+  for ref, ids in (("1", {1, 2}), ("Silo Rirsk", {3, 4}), ("emma", {5, 6})):
+    with pytest.raises(catalog.Ambiguous) as e:
+      b.unlearn(["key:0", ref], "x")
+    assert {r["id"] for r in e.value.candidates} == ids
+    assert all(f"id:{i} " in str(e.value) for i in ids) and "--all-matching" in str(e.value)
+    with pytest.raises(catalog.Ambiguous):
+      b.active(ref)
+  assert b.unlearned_ids() == [] and b.ledger() == []     # nothing of a refused request lands
+  assert b.unlearn(["id:1"], "x")["changed"] == [1]
+  assert b.unlearn(["title:1"], "x")["changed"] == [2]
+  assert b.unlearn(["title:silo rirsk"], "x", all_matching=True)["changed"] == [3, 4]
+  with pytest.raises(UserError, match="names 2 sources; a mode serves one"):
+    b.active("group:emma")
+  assert b.unlearn(["title:Emma"], "x")["changed"] == [5]
+  assert b.unlearn(["group:EMMA"], "x")["changed"] == [6]   # a group is all of its sources
+  with pytest.raises(UserError, match="an id is a number"):
+    b.resolve(["id:one"])
+  with pytest.raises(UserError, match="unknown source.*'key:Emma'"):
+    b.resolve(["key:Emma"])
+
+
+def test_search_matches_its_text_literally(tmp_path):
+  rows = [(1, "a", "100% cotton", None, 1, 1), (2, "b", "1000 cotton", None, 1, 1),
+          (3, "c", "snake_case", None, 1, 1), (4, "d", "snakeXcase", None, 1, 1)]
+  switchboard.create(str(tmp_path), None, rows)
+  b = switchboard.Switchboard(str(tmp_path))
+  assert [r["id"] for r in b.search("0% c")] == [1]
+  assert [r["id"] for r in b.search("e_c")] == [3]
 
 
 CRASH = """
@@ -88,7 +125,7 @@ b = switchboard.Switchboard(sys.argv[1])
 ids = [r["id"] for r in b.page("active", 0, 10**9)]
 for start in range(0, len(ids), 10000):
   print("begin", flush=True)
-  b.unlearn([str(i) for i in ids[start:start + 10000]], "batch")
+  b.unlearn([f"id:{i}" for i in ids[start:start + 10000]], "batch")
   print("committed", flush=True)
 """
 
@@ -228,3 +265,10 @@ def test_unlearn_and_generate_commands(fresh_run):
   assert cli("sources", "reactivate", "--run", fresh_run, "--reason", "r", "4").returncode == 2
   missing = cli("unlearn", "--run", fresh_run, "person-4")
   assert missing.returncode == 2 and "--reason is required" in missing.stderr
+
+  # A title two built-in sources share: refused with both listed, unless every match is asked for.
+  shared = cli("unlearn", "--run", fresh_run, "--reason", "r", "silo rirsk")
+  assert shared.returncode == 2 and "names 2 sources" in shared.stderr, shared.stderr
+  assert cli("sources", "list", "--run", fresh_run).stdout.splitlines()[0] == "78 active, 2 unlearned"
+  both = cli("unlearn", "--run", fresh_run, "--reason", "r", "--all-matching", "Silo Rirsk")
+  assert "unlearned 2 source(s)" in both.stdout, both.stderr
