@@ -9,9 +9,7 @@ compute, AdamW lr 5e-4. ~1.0B parameters. Presets pick the mesh for the hardware
 `dense` trains the parameter-matched standard transformer.
 """
 
-import ml_collections
-
-from sinkformer.config import apply_presets
+from sinkformer.config import apply_presets, base
 
 PRESETS = {
     "dense": {"model.kind": "dense"},
@@ -25,30 +23,19 @@ PRESETS = {
 
 
 def get_config(arg=None):
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.model = dict(kind="null", vocab_size=49152, d_model=960, num_layers=32, num_heads=15,
-                 num_kv_heads=5, head_dim=128, mlp_backbone=500, rope_base=1e5, norm_eps=1e-5,
-                 tie_embeddings=False, dtype="bfloat16")
-  c.sinks = dict(num=7692, k=100, selection="exact", per_layer=False, seed=0,
-                 backbone_rescale=False, attn_heads=0, attn_k=0)
+  c = base()
+  c.model.update(vocab_size=49152, d_model=960, num_layers=32, num_heads=15, num_kv_heads=5,
+                 head_dim=128, mlp_backbone=500, rope_base=1e5, dtype="bfloat16")
+  c.sinks.update(num=7692, k=100)
   # English Wikipedia from TFDS (prepared with array_record into data.tfds_dir): one source
   # per article, tokenized once into DATA_DIR/prepared by the first run.
-  c.data = dict(corpus="tfds:wikipedia/20231101.en:train", fallback="", dir="",
-                source_by="document", reader="arrayrecord", tfds_dir="", tokenizer_hash="",
-                holdout="", exclude="", val_sources=4096, num_sources=4096, facts_per_source=3,
-                seed=0, seq_len=1024, max_docs_per_row=32, workers=8)
-  c.train = dict(steps=60000, batch_size=512, grad_accum=1, lr=5e-4, min_lr_ratio=0.1,
-                 warmup_steps=2000, weight_decay=0.1, b1=0.9, b2=0.95, clip_norm=1.0,
-                 log_every=50, eval_every=2000, eval_batches=16,
-                 checkpoint_every=1000, keep_checkpoints=5)
-  # Serving: exclude = zero unlearned sources' units in every pass; route = only never pick
-  # them. The router embeds each source's title+opening (or its title only).
-  c.unlearn = dict(policy="exclude", router="title+opening", allow_reactivation=False)
-  # Measuring forgetting (sinkformer eval): budgets in the range the paper's attacks used.
-  c.eval = dict(relearn=dict(steps=20, lr=1e-5, mask="sink-off/exclude"),
-                gcg=dict(targets=32, target_len=32, lengths=(4, 8, 16, 32), steps=250,
-                         top_k=256, candidates=512, init="random"),
-                capability=dict(clozes=2000, documents=2048, bootstrap=2000))
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.data.update(corpus="tfds:wikipedia/20231101.en:train", val_sources=4096, num_sources=4096,
+                seq_len=1024, max_docs_per_row=32, workers=8)
+  c.train.update(steps=60000, batch_size=512, lr=5e-4, warmup_steps=2000, log_every=50,
+                 eval_every=2000, eval_batches=16, checkpoint_every=1000, keep_checkpoints=5)
+  # Measuring forgetting: budgets in the range the paper's attacks used.
+  c.eval.relearn.update(steps=20, lr=1e-5)
+  c.eval.gcg.update(targets=32, target_len=32, lengths=(4, 8, 16, 32), steps=250, top_k=256,
+                    candidates=512, init="random")
+  c.eval.capability.update(clozes=2000, documents=2048, bootstrap=2000)
   return apply_presets(c, arg, PRESETS)

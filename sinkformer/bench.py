@@ -25,20 +25,23 @@ import time
 import jax
 import numpy as np
 
-from sinkformer import checkpoint, data as data_lib, flops, model, train
+from sinkformer import checkpoint, engine
+from sinkformer.data import pipeline
+from sinkformer.model import flops, transformer
+from sinkformer.train import trainer
 
 
 def _compiled(cfg, devices=None):
   """(setup, fresh state, first batch, compiled train step) for a config."""
-  setup = train.build(cfg, devices)
-  state = train.init_state(setup, cfg.seed)
-  batch = train.put_batch(setup, data_lib.load(cfg).train.batch(0))
-  return setup, state, batch, train.compile_train_step(setup, state, batch)
+  setup = engine.build(cfg, devices)
+  state = engine.init_state(setup, cfg.seed)
+  batch = engine.put_batch(setup, pipeline.load(cfg).train.batch(0))
+  return setup, state, batch, trainer.compile_train_step(setup, state, batch)
 
 
 def _timed_step(cfg, devices=None):
   setup, state, batch, step = _compiled(cfg, devices)
-  holder = {"state": state, "params": model.count_params(state["params"])}
+  holder = {"state": state, "params": transformer.count_params(state["params"])}
 
   def run(steps: int = 1) -> float:
     """Seconds per step over `steps` back-to-back steps (one sync at the end)."""
@@ -147,7 +150,7 @@ def checkpoints(cfg, rounds: int = 10) -> dict:
                os.walk(os.path.join(tmp, str(2 * rounds))) for f in fs)
     ckpts.close()
   med = lambda xs: float(np.median(xs))
-  result = {"bench": "checkpoint", "bytes": size, "params": model.count_params(state["params"]),
+  result = {"bench": "checkpoint", "bytes": size, "params": transformer.count_params(state["params"]),
             "step_s": med(plain), "step_during_save_s": med(during),
             "save_blocking_s": med(blocking), "save_total_s": med(total), "rounds": rounds}
   print(f"checkpoint of {result['params']:,} params: {size / 2**20:.1f} MiB on disk")
@@ -162,14 +165,14 @@ def stream(cfg, rounds: int = 30, steps_per_round: int = 4) -> dict:
   """Tokens/s of the data pipeline alone (global batches to host, through Grain) against
   what the train step consumes, alternating in one process."""
   _, run, _ = _timed_step(cfg)
-  d = data_lib.load(cfg)
+  d = pipeline.load(cfg)
   tokens = cfg.train.batch_size * cfg.data.seq_len
   step = iter(range(10**9))
 
   def produce() -> float:
     first = next(step) * steps_per_round
     t0 = time.perf_counter()
-    for _ in data_lib.iterate(d.train, first, first + steps_per_round, 0, cfg.train.batch_size,
+    for _ in pipeline.iterate(d.train, first, first + steps_per_round, 0, cfg.train.batch_size,
                               threads=cfg.data.workers):
       pass
     return (time.perf_counter() - t0) / steps_per_round
@@ -196,7 +199,7 @@ def scale(num_docs: int, directory: str, lookups: int = 20000, group_size: int =
   """Prepare a generated corpus of `num_docs` tiny documents (one source each), then time
   catalog lookups and the stream's first batch on it. Peak RSS covers the whole process."""
   import resource
-  from sinkformer import catalog as catalog_lib, prepare
+  from sinkformer.data import catalog as catalog_lib, prepare
   os.makedirs(directory, exist_ok=True)
   corpus, out = os.path.join(directory, "tiny.jsonl"), os.path.join(directory, "prepared")
   rng = np.random.default_rng(0)
@@ -233,8 +236,8 @@ def scale(num_docs: int, directory: str, lookups: int = 20000, group_size: int =
     latency[kind] = (float(np.percentile(times, 50)), float(np.percentile(times, 99)))
   cat.close()
   t0 = time.perf_counter()
-  docs = data_lib.open_prepared(out)
-  s = data_lib.DocStream(docs, None, 128, 16, seed=0)
+  docs = pipeline.open_prepared(out)
+  s = pipeline.DocStream(docs, None, 128, 16, seed=0)
   s.rows(np.arange(16))
   first_batch_s = time.perf_counter() - t0
   t0 = time.perf_counter()
@@ -260,7 +263,7 @@ def scale(num_docs: int, directory: str, lookups: int = 20000, group_size: int =
 def generation(run_dir: str, rounds: int = 10, batch: int = 8, max_new: int = 64) -> dict:
   """Tokens/s of greedy generation with the KV cache against recomputing the whole sequence
   every step, same prompts, alternating."""
-  from sinkformer import generate, serving
+  from sinkformer.serve import generate, serving
   server = serving.Server(run_dir)
   titles = [r["title"] for r in server.board.page("active", 0, batch)]
   prompts = [server.encode(t) for t in titles]
@@ -292,7 +295,7 @@ def unlearning(run_dir: str, catalog: str | None = None, requests: int = 200,
   mask the server passes in), one source at a time, then one batch of `batch` sources. With
   `catalog`, a scratch copy of the run uses that catalog (e.g. 6M sources)."""
   import shutil
-  from sinkformer import serving, switchboard
+  from sinkformer.serve import serving, switchboard
   with tempfile.TemporaryDirectory() as tmp:
     shutil.copy(os.path.join(run_dir, "config.json"), tmp)
     os.symlink(os.path.abspath(os.path.join(run_dir, "checkpoints")), os.path.join(tmp, "checkpoints"))
@@ -329,7 +332,7 @@ def unlearning(run_dir: str, catalog: str | None = None, requests: int = 200,
 def probes(run_dir: str, facts_path: str, count: int = 1000) -> dict:
   """Seconds to score `count` probe facts (answer + distractors) under one condition
   (sink-off/exclude), after one warm-up batch has compiled."""
-  from sinkformer import evaluate
+  from sinkformer.eval import evaluate
   facts = evaluate.load_facts(facts_path)[:count]
   scorer = evaluate.Scorer(run_dir, [facts[0]["source"]])
   def timed(items) -> float:

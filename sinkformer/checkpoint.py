@@ -115,31 +115,3 @@ def locate(path: str) -> tuple[Checkpoints, int]:
   if step not in steps:
     raise UserError(f"no complete checkpoint {path}; complete steps: {steps or 'none'}")
   return ckpts, step
-
-
-def info(path: str) -> dict:
-  """What `sinkformer checkpoint info` prints; restores onto one CPU device, any mesh."""
-  import ml_collections
-  from sinkformer import model, train
-  ckpts, step = locate(path)
-  meta = ckpts.meta(step)
-  cfg = ml_collections.ConfigDict(meta["config"])
-  cfg.mesh.update(data=1, fsdp=1, tensor=1)
-  setup = train.build(cfg, jax.devices("cpu")[:1])
-  state, _ = ckpts.restore(step, train.abstract_state(setup))
-  m, s = cfg.model, cfg.sinks
-  return {"checkpoint": f"{ckpts.directory}/{step}", "step": int(state["step"]),
-          "model": f"{m.kind}, {m.num_layers} layers, d_model {m.d_model}, heads "
-                   f"{m.num_heads}/{m.num_kv_heads}x{m.head_dim}, vocab {m.vocab_size}",
-          "sinks": f"G {m.mlp_backbone} + P {s.num}, k {s.k} ({s.selection}"
-                   f"{', per layer' if s.per_layer else ''}), seed {s.seed}",
-          "data": ", ".join(f"{k} {v}" for k, v in _data_summary(meta.get("data", {})).items()),
-          "parameters": model.count_params(state["params"]),
-          "hash": params_hash(state["params"])}
-
-
-def _data_summary(identity: dict) -> dict:
-  if identity.get("corpus") == "builtin":
-    return {"corpus": "builtin"}
-  return {"corpora": "+".join(os.path.basename(c["path"]) for c in identity.get("corpora", [])),
-          "tokenizer": str(identity.get("tokenizer_sha256"))[:16]}

@@ -1,22 +1,59 @@
-"""Loading experiment configs and rejecting the ones that cannot work, before compiling."""
+"""The base config every experiment overrides, loading experiment configs, and rejecting the
+ones that cannot work, before compiling."""
 
 from __future__ import annotations
 
 import math
 
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from sinkformer.errors import PARSE_ERRORS, ConfigError, UserError, one_line
+from sinkformer.errors import ConfigError, PARSE_ERRORS, UserError, one_line
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # The masks an attacker may fine-tune through in the relearning attack (evaluate.py).
 RELEARN_MASKS = ("sink-off/exclude", "sink-off/route", "sink-on", "backbone")
-# For runs from before the config had an `eval` section.
-EVAL_DEFAULTS = {"relearn": {"steps": 10, "lr": 1e-3, "mask": "sink-off/exclude"},
-                 "gcg": {"targets": 8, "target_len": 16, "lengths": [2, 4, 8, 16], "steps": 20,
-                         "top_k": 32, "candidates": 64, "init": "prefix"},
-                 "capability": {"clozes": 400, "documents": 256, "bootstrap": 1000}}
+
+
+def base() -> ml_collections.ConfigDict:
+  """Every field, at the quickstart's values: experiments override what differs."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = dict(kind="null", vocab_size=512, d_model=128, num_layers=4, num_heads=4,
+                 num_kv_heads=2, head_dim=32, mlp_backbone=96, rope_base=1e4, norm_eps=1e-5,
+                 tie_embeddings=False, dtype="float32")
+  c.sinks = dict(num=416, k=16, selection="exact", per_layer=False, seed=0,
+                 backbone_rescale=False, attn_heads=0, attn_k=0)
+  c.data = dict(corpus="builtin", fallback="", dir="", source_by="document",
+                reader="arrayrecord", tfds_dir="", tokenizer_hash="", holdout="", exclude="",
+                val_sources=64, num_sources=400, facts_per_source=3, seed=0, seq_len=128,
+                max_docs_per_row=8, workers=2)
+  c.train = dict(steps=160, batch_size=16, grad_accum=1, lr=2e-3, min_lr_ratio=0.1,
+                 warmup_steps=16, weight_decay=0.1, b1=0.9, b2=0.95, clip_norm=1.0,
+                 log_every=10, eval_every=40, eval_batches=4, checkpoint_every=40,
+                 keep_checkpoints=3)
+  # Serving: exclude = zero unlearned sources' units in every pass; route = only never pick
+  # them. The router embeds each source's title+opening (or its title only).
+  c.unlearn = dict(policy="exclude", router="title+opening", allow_reactivation=False)
+  # Measuring forgetting (sinkformer eval): the relearning attack (the mask active while the
+  # attacker fine-tunes), GCG extraction budgets (prompt lengths tried shortest first), and
+  # the capability suite's sample sizes.
+  c.eval = dict(relearn=dict(steps=10, lr=1e-3, mask="sink-off/exclude"),
+                gcg=dict(targets=8, target_len=16, lengths=(2, 4, 8, 16), steps=20, top_k=32,
+                         candidates=64, init="prefix"),
+                capability=dict(clozes=400, documents=256, bootstrap=1000))
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)   # axis sizes; -1: the rest of the devices
+  return c
+
+
+def merged(base_dict: dict, override: dict) -> dict:
+  """`override` laid over `base_dict`, section by section (for configs of older runs)."""
+  out = dict(base_dict)
+  for key, value in override.items():
+    out[key] = (merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict)
+                else value)
+  return out
 
 
 def define_config_flag(fv: flags.FlagValues, argv: list[str]):

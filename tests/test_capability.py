@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from sinkformer import capability
 from sinkformer.errors import UserError
+from sinkformer.eval import capability
 
 CAPITALS = ["Athens Greece", "Oslo Norway", "Paris France", "Rome Italy", "Lima Peru",
             "Cairo Egypt"]

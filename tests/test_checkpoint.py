@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from sinkformer import checkpoint, config, train
+from sinkformer import checkpoint, config, engine
 from sinkformer.errors import UserError
+from sinkformer.train import trainer
 
 ARGS = ["--config", "experiments/quickstart.py:smoke", "--config.train.steps=10",
         "--config.train.checkpoint_every=2", "--config.train.log_every=1",
@@ -21,7 +22,7 @@ def train_cmd(workdir):
 
 
 def final_hash(workdir):
-  return checkpoint.info(str(workdir / "checkpoints"))["hash"]
+  return checkpoint.params_hash(engine.load_run(str(workdir)).params)
 
 
 def logged_steps(workdir):
@@ -89,19 +90,19 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, uninterr
 
 def test_a_checkpoint_from_another_architecture_is_refused(smoke_cfg, tmp_path):
   smoke_cfg.train.update(steps=3, eval_every=0, log_every=1)
-  train.train(smoke_cfg, str(tmp_path))
+  trainer.train(smoke_cfg, str(tmp_path))
   other = config.load("experiments/quickstart.py:smoke", ("--config.sinks.k=4",
                                                           "--config.sinks.seed=7"))
   other.train.update(steps=4, eval_every=0)
   with pytest.raises(UserError) as e:
-    train.train(other, str(tmp_path))
+    trainer.train(other, str(tmp_path))
   assert "sinks.k: checkpoint 8 != config 4" in str(e.value)
   assert "sinks.seed: checkpoint 0 != config 7" in str(e.value)
 
 
 def test_checkpoint_info_reports_the_trained_parameters(smoke_cfg, tmp_path):
   smoke_cfg.train.update(steps=3, eval_every=0, log_every=1, checkpoint_every=2)
-  state, _ = train.train(smoke_cfg, str(tmp_path))
+  state, _ = trainer.train(smoke_cfg, str(tmp_path))
   out = subprocess.run([sys.executable, "-m", "sinkformer", "checkpoint", "info",
                         "--checkpoint", str(tmp_path / "checkpoints" / "3")],
                        capture_output=True, text=True, timeout=300)

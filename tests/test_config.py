@@ -87,7 +87,7 @@ def test_mesh_infers_one_axis():
 
 
 def test_eval_overrides_are_typed_like_the_field(tmp_path):
-  from sinkformer import evaluate
+  from sinkformer.eval import evaluate
   (tmp_path / "config.json").write_text("{}")   # a run from before the eval section: defaults
   e = evaluate.settings(str(tmp_path), ["gcg.lengths=(2, 4)", "relearn.lr=1e-4", "relearn.steps=3"])
   assert (list(e.gcg.lengths), e.relearn.lr, e.relearn.steps) == ([2, 4], 1e-4, 3)

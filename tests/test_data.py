@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sinkformer import data, synthetic
+from sinkformer.data import pipeline, synthetic
 from sinkformer.errors import ConfigError, UserError
 
 
@@ -14,7 +14,7 @@ def docs(*lengths):
 def stream(lengths, sources=None, seq_len=8, max_docs=4, keep=None, seed=0):
   d = docs(*lengths)
   sources = list(range(1, len(d) + 1)) if sources is None else sources
-  return data.DocStream(data.in_memory("t", d, sources, 100), keep, seq_len, max_docs, seed)
+  return pipeline.DocStream(pipeline.in_memory("t", d, sources, 100), keep, seq_len, max_docs, seed)
 
 
 def all_rows(s, epoch=0):
@@ -23,7 +23,7 @@ def all_rows(s, epoch=0):
 
 
 def test_assemble_fields():
-  rows = data.assemble([[(np.arange(3), 7), (np.arange(10, 14), 8)], [(np.arange(5), 9)]], 8)
+  rows = pipeline.assemble([[(np.arange(3), 7), (np.arange(10, 14), 8)], [(np.arange(5), 9)]], 8)
   np.testing.assert_array_equal(rows["segment_ids"], [[1, 1, 1, 2, 2, 2, 2, 0],
                                                       [1, 1, 1, 1, 1, 0, 0, 0]])
   np.testing.assert_array_equal(rows["source_ids"][0], [7, 7, 7, 8, 8, 8, 8, 0])
@@ -57,7 +57,7 @@ def test_every_document_once_per_epoch_in_a_new_order():
 
 def test_batches_are_a_pure_function_of_the_step_and_slices_compose():
   corpus = synthetic.generate(50, 3, seed=0)
-  make = lambda: data.Batches([data.DocStream(data.in_memory("b", corpus.docs, corpus.sources, 300),
+  make = lambda: pipeline.Batches([pipeline.DocStream(pipeline.in_memory("b", corpus.docs, corpus.sources, 300),
                                               None, 32, 4, seed=1)], [1.0], 4)
   a, b = make(), make()
   for step in (7, 0, 30, 7):   # 30 is a few epochs in; b is a fresh object (a resumed run)
@@ -80,42 +80,42 @@ def test_excluding_sources_keeps_the_order_of_the_rest():
 def test_mixture_quota_and_order():
   a = stream([2] * 40, list(range(1, 41)), seq_len=2, max_docs=1)
   b = stream([2] * 40, list(range(101, 141)), seq_len=2, max_docs=1)
-  mix = data.Batches([a, b], [3, 1], batch_size=8)
+  mix = pipeline.Batches([a, b], [3, 1], batch_size=8)
   assert mix.quota.tolist() == [6, 2]
   ids = np.concatenate([mix.batch(s)["source_ids"][:, 0] for s in range(3)])
   from_a = ids[ids < 100]
   np.testing.assert_array_equal(from_a, a.rows(np.arange(18))["source_ids"][:, 0])
   with pytest.raises(ConfigError, match="weights"):
-    data.Batches([a, b], [100, 1], batch_size=8)
+    pipeline.Batches([a, b], [100, 1], batch_size=8)
 
 
 def test_grain_pipeline_matches_direct_batches_for_any_thread_count():
   corpus = synthetic.generate(40, 3, seed=0)
-  make = lambda: data.Batches([data.DocStream(data.in_memory("g", corpus.docs, corpus.sources,
+  make = lambda: pipeline.Batches([pipeline.DocStream(pipeline.in_memory("g", corpus.docs, corpus.sources,
                                                               300), None, 32, 4, seed=0)], [1.0], 4)
   reference = make()
   for threads in (1, 4):   # fresh streams: threads race to plan the epochs (rows 20-63)
-    got = [b["tokens"] for b in data.iterate(make(), 5, 16, 0, 4, threads=threads)]
+    got = [b["tokens"] for b in pipeline.iterate(make(), 5, 16, 0, 4, threads=threads)]
     for step, tokens in zip(range(5, 16), got, strict=True):
       np.testing.assert_array_equal(tokens, reference.batch(step)["tokens"])
 
 
 def test_builtin_exclusion_and_unknown_ids(smoke_cfg):
   smoke_cfg.data.exclude = "1,2,3"
-  d = data.load(smoke_cfg)
+  d = pipeline.load(smoke_cfg)
   seen = d.seen.rows(np.arange(d.seen.epoch_rows(0)))["source_ids"]
   assert not np.isin(seen, [1, 2, 3]).any() and np.isin(seen, [4]).any()
   smoke_cfg.data.exclude = "9999"
   with pytest.raises(ConfigError, match="unknown built-in source"):
-    data.load(smoke_cfg)
+    pipeline.load(smoke_cfg)
 
 
 def test_parse_refs(tmp_path):
   (tmp_path / "forget.txt").write_text("Alan Turing\n\n42\n")
-  assert data.parse_refs("a, b,,c") == ["a", "b", "c"]
-  assert data.parse_refs(f"@{tmp_path}/forget.txt") == ["Alan Turing", "42"]
+  assert pipeline.parse_refs("a, b,,c") == ["a", "b", "c"]
+  assert pipeline.parse_refs(f"@{tmp_path}/forget.txt") == ["Alan Turing", "42"]
   with pytest.raises(UserError, match="cannot read source list"):
-    data.parse_refs(f"@{tmp_path}/missing.txt")
+    pipeline.parse_refs(f"@{tmp_path}/missing.txt")
 
 
 def test_builtin_corpus_has_unique_and_shared_facts():

@@ -2,7 +2,7 @@
 
 import json
 
-from sinkformer import encyclopedia
+from sinkformer.data import encyclopedia
 
 
 def test_facts_are_stated_exactly_where_they_claim():

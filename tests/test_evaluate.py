@@ -32,7 +32,7 @@ def test_oracle_and_facts_suite(tmp_path):
 
   out = cli("oracle", "--run", str(run), "--forget", FORGET, "--workdir", str(oracle), env_dir=tmp_path)
   assert out.returncode == 0, out.stderr
-  assert (oracle / "forget.txt").read_text().split() == FORGET.split(",")
+  assert (oracle / "forget.txt").read_text().split() == [f"key:{k}" for k in FORGET.split(",")]
   seen = set()
   for line in (oracle / "sources.jsonl").read_text().splitlines():
     seen |= set(json.loads(line)["source_id"])

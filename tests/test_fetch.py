@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from sinkformer import catalog as catalog_lib, data, fetch, prepare
+from sinkformer.data import catalog as catalog_lib, fetch, pipeline, prepare
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def test_austen_books_are_group_sources(data_dir, tmp_path):
   m = prepare.prepare("austen", str(tmp_path / "au"), vocab_size=1024, source_by="group",
                       data_dir=data_dir, log=lambda _: 0)
   assert m["sources"] == 6 and m["documents"] == 269
-  docs = data.open_prepared(str(tmp_path / "au"))
+  docs = pipeline.open_prepared(str(tmp_path / "au"))
   cat = catalog_lib.Catalog(str(tmp_path / "au" / "catalog.sqlite"))
   emma = cat.get("Emma")["id"]
   assert (docs.source_ids == emma).sum() == cat.get("emma")["documents"] == 55

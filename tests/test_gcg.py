@@ -3,7 +3,10 @@ search finds short prompts that exist."""
 
 import numpy as np
 
-from sinkformer import gcg, generate, model, train
+from sinkformer import engine
+from sinkformer.eval import gcg
+from sinkformer.model import transformer
+from sinkformer.serve import generate
 
 BOS = 2
 
@@ -15,8 +18,8 @@ def greedy(setup, params, prompt, n):
 
 
 def test_found_prompts_reproduce_the_target(smoke_cfg):
-  setup = train.build(smoke_cfg)
-  params = model.init(setup.dims, 0)
+  setup = engine.build(smoke_cfg)
+  params = transformer.init(setup.dims, 0)
   secret = [101, 202]
   target = greedy(setup, params, secret, 6)
   # a start from the true context succeeds at once and is the shortest length tried
@@ -32,8 +35,8 @@ def test_found_prompts_reproduce_the_target(smoke_cfg):
 
 
 def test_unreachable_targets_are_reported_not_found(smoke_cfg):
-  setup = train.build(smoke_cfg)
-  params = model.init(setup.dims, 0)
+  setup = engine.build(smoke_cfg)
+  params = transformer.init(setup.dims, 0)
   target = [5, 400, 5, 400, 5, 400, 5, 400]
   budget = gcg.Budget(lengths=(1, 2), steps=2, top_k=4, candidates=4, init="random")
   found = gcg.shortest_prompt(setup, params, target, [], 7, None, "source", budget, BOS)

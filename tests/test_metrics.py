@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 import pytest
 
-from sinkformer import metrics
+from sinkformer.eval import metrics
 
 
 def test_truth_ratio_and_tofu_aggregates():

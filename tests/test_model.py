@@ -5,14 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sinkformer import config, model, sinks, train
+from sinkformer import config, engine
+from sinkformer.model import sinks, transformer
 
 T = 32
 
 
 def setup_and_params(cfg):
-  setup = train.build(cfg)
-  return setup, model.init(setup.dims, 0)
+  setup = engine.build(cfg)
+  return setup, transformer.init(setup.dims, 0)
 
 
 def row(docs, seq_len=T):
@@ -33,7 +34,7 @@ def row(docs, seq_len=T):
 
 
 def grads_for(setup, params, batch, mode="train", **kw):
-  loss = lambda p: train.token_losses(setup, p, batch, mode, **kw)[0].sum()
+  loss = lambda p: engine.token_losses(setup, p, batch, mode, **kw)[0].sum()
   return jax.grad(loss)(params)
 
 
@@ -88,7 +89,7 @@ def test_packing_isolation(smoke_cfg, kind):
   setup, params = setup_and_params(smoke_cfg)
   a, b = (5, list(range(3, 16))), (6, list(range(40, 57)))
   alone, packed = row([a]), row([b, a])
-  fwd = jax.jit(lambda batch, mode: model.apply(setup.graphdef, params, batch, None if
+  fwd = jax.jit(lambda batch, mode: transformer.apply(setup.graphdef, params, batch, None if
                 setup.spec is None else sinks.make_gate(setup.spec, mode,
                 segment_ids=batch["segment_ids"], source_ids=batch["source_ids"],
                 max_docs=setup.max_docs)), static_argnums=1)
@@ -118,7 +119,7 @@ def test_backbone_mode_uses_no_sink(smoke_cfg):
   setup, params = setup_and_params(smoke_cfg)
   batch = row([(3, list(range(3, 20)))])
   every_sink = np.ones(smoke_cfg.sinks.num, bool)
-  out = lambda p, mode: train.token_losses(setup, p, batch, mode)[0]
+  out = lambda p, mode: engine.token_losses(setup, p, batch, mode)[0]
   noisy = perturb_sinks(params, smoke_cfg.model.mlp_backbone, every_sink)
   np.testing.assert_array_equal(out(params, "backbone"), out(noisy, "backbone"))
   assert not np.allclose(out(params, "train"), out(noisy, "train"))   # the noise does matter
@@ -130,7 +131,7 @@ def test_mlp_off_mode_equals_a_model_without_mlps(smoke_cfg):
   no_mlp = jax.tree.map(lambda x: x, params)
   for block in no_mlp["blocks"].values():
     block["mlp"]["down"]["kernel"] = jnp.zeros_like(block["mlp"]["down"]["kernel"])
-  out = lambda p, mode: train.token_losses(setup, p, batch, mode)[0]
+  out = lambda p, mode: engine.token_losses(setup, p, batch, mode)[0]
   np.testing.assert_allclose(out(params, "mlp-off"), out(no_mlp, "train"), rtol=1e-6, atol=1e-6)
   assert not np.allclose(out(params, "mlp-off"), out(params, "backbone"))
 
@@ -138,7 +139,7 @@ def test_mlp_off_mode_equals_a_model_without_mlps(smoke_cfg):
 def test_backbone_rescale_scales_the_mlp_output(smoke_cfg):
   smoke_cfg.sinks.backbone_rescale = True
   setup, params = setup_and_params(smoke_cfg)
-  mlp = model.nnx.merge(setup.graphdef, params).blocks[0].mlp
+  mlp = transformer.nnx.merge(setup.graphdef, params).blocks[0].mlp
   x = jax.random.normal(jax.random.key(0), (1, 4, smoke_cfg.model.d_model))
   gate = sinks.make_gate(setup.spec, "backbone", segment_ids=jnp.ones((1, 4), jnp.int32))
   units = sinks.mlp_units(gate, 0, smoke_cfg.model.mlp_backbone)
@@ -155,7 +156,7 @@ def test_excluded_units_have_no_effect_whatever_source_is_on(smoke_cfg):
   batch = row([(21, list(range(3, 20)))])
   for asked in (21, 22, 30):   # the forgotten sources themselves, and a retained one
     batch["row_sources"] = jnp.array([asked])
-    out = lambda p: train.token_losses(setup, p, batch, "source", exclude=excl)[0]
+    out = lambda p: engine.token_losses(setup, p, batch, "source", exclude=excl)[0]
     np.testing.assert_array_equal(out(params), out(noisy))
 
 
@@ -163,27 +164,27 @@ def test_dense_control_has_the_same_parameter_count(smoke_cfg):
   counts = {}
   for kind in ("null", "dense"):
     smoke_cfg.model.kind = kind
-    counts[kind] = model.count_params(model.abstract(model.Dims.from_config(smoke_cfg))[1])
+    counts[kind] = transformer.count_params(transformer.abstract(transformer.Dims.from_config(smoke_cfg))[1])
   assert counts["null"] == counts["dense"]
-  assert train.build(smoke_cfg).spec is None     # the dense control has no gate at all
+  assert engine.build(smoke_cfg).spec is None     # the dense control has no gate at all
 
 
 def test_tied_embeddings_drop_the_lm_head(smoke_cfg):
-  untied = model.count_params(model.abstract(model.Dims.from_config(smoke_cfg))[1])
+  untied = transformer.count_params(transformer.abstract(transformer.Dims.from_config(smoke_cfg))[1])
   smoke_cfg.model.tie_embeddings = True
   setup, params = setup_and_params(smoke_cfg)
   assert "lm_head" not in params
   m = smoke_cfg.model
-  assert model.count_params(params) == untied - m.vocab_size * m.d_model
-  assert np.isfinite(train.token_losses(setup, params, row([(1, [3, 4, 5])]))[0]).all()
+  assert transformer.count_params(params) == untied - m.vocab_size * m.d_model
+  assert np.isfinite(engine.token_losses(setup, params, row([(1, [3, 4, 5])]))[0]).all()
 
 
 def test_wiki_1b_builds_abstractly_with_about_a_billion_parameters():
   cfg = config.load("experiments/wiki_1b.py")
-  graphdef, params, axes = model.abstract(model.Dims.from_config(cfg))
+  graphdef, params, axes = transformer.abstract(transformer.Dims.from_config(cfg))
   leaves = jax.tree.leaves(params)
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)   # nothing allocated
-  n = model.count_params(params)
+  n = transformer.count_params(params)
   assert 1.0e9 <= n <= 1.2e9, n
   assert params["blocks"][0]["mlp"]["gate"]["kernel"].shape == (960, 8192)
   assert params["blocks"][0]["attn"]["k"]["kernel"].shape == (960, 5 * 128)
@@ -192,8 +193,8 @@ def test_wiki_1b_builds_abstractly_with_about_a_billion_parameters():
 
 def test_rope_positions_restart_per_document():
   x = jax.random.normal(jax.random.key(0), (1, 4, 2, 8))
-  a = model.rope(x, jnp.array([[0, 1, 2, 3]]), 1e4)
-  b = model.rope(x, jnp.array([[0, 1, 0, 1]]), 1e4)
+  a = transformer.rope(x, jnp.array([[0, 1, 2, 3]]), 1e4)
+  b = transformer.rope(x, jnp.array([[0, 1, 0, 1]]), 1e4)
   np.testing.assert_allclose(a[:, :2], b[:, :2])
   np.testing.assert_allclose(a[:, :1], x[:, :1], rtol=1e-6)    # position 0 is the identity
   assert not np.allclose(a[:, 2:], b[:, 2:])
@@ -205,7 +206,7 @@ def test_changing_sources_or_exclusions_does_not_recompile(smoke_cfg):
 
   @jax.jit
   def loss(params, batch, exclude):
-    return train.token_losses(setup, params, batch, "source", exclude=exclude)[0].sum()
+    return engine.token_losses(setup, params, batch, "source", exclude=exclude)[0].sum()
 
   for asked, forgotten in ((1, [2]), (2, [1]), (2**31 - 1, [5]), (9, [1])):
     batch["row_sources"] = jnp.array([asked])

@@ -5,13 +5,15 @@ import sys
 
 import pytest
 
-from sinkformer import config, model, plan
+from sinkformer import config
+from sinkformer.model import transformer
+from sinkformer.train import plan
 
 
 def test_1b_plan_shards_the_state_over_its_mesh_without_devices():
   cfg = config.load("experiments/wiki_1b.py:h100x8")
   result = plan.plan(cfg)
-  n = model.count_params(model.abstract(model.Dims.from_config(cfg))[1])
+  n = transformer.count_params(transformer.abstract(transformer.Dims.from_config(cfg))[1])
   assert result["parameters"] == n and 1.0e9 <= n <= 1.2e9
   assert result["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
   # fsdp=8 splits every matrix over d_model (960 = 8 x 120): 1/8 of 4 bytes per parameter

@@ -6,14 +6,15 @@ import jax
 import numpy as np
 import pytest
 
-from sinkformer import config, posthoc, train
+from sinkformer import config, engine
+from sinkformer.eval import posthoc
 
 
 @pytest.fixture(scope="module")
 def dense():
   cfg = config.load("experiments/quickstart.py:smoke,dense")
-  setup = train.build(cfg, jax.devices()[:1])
-  params = train.init_state(setup, 0)["params"]
+  setup = engine.build(cfg, jax.devices()[:1])
+  params = engine.init_state(setup, 0)["params"]
   rng = np.random.default_rng(0)
   docs = [[1, *rng.integers(6, 200, 20).tolist()] for _ in range(8)]
   return setup, params, posthoc.rows(docs, np.arange(1, 9), 4)

@@ -10,9 +10,10 @@ import zlib
 import numpy as np
 import pytest
 
-from sinkformer import (catalog as catalog_lib, corpora, data, fetch, prepare, rdata, tokenizer,
-                        train)
+from sinkformer.data import catalog as catalog_lib, corpora, fetch, pipeline, prepare, rdata
+from sinkformer.data import tokenizer
 from sinkformer.errors import ConfigError, UserError
+from sinkformer.train import trainer
 
 WORDS = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "su", "ta", "ve", "zo") for b in
          ("ran", "bel", "dor", "fin", "gup", "hil", "jot", "mar", "nix", "pol")]
@@ -44,7 +45,7 @@ def test_prepare_writes_records_catalog_manifest(prepared):
   assert m["documents"] == 60 and m["sources"] == 60 and m["tokenizer"]["vocab_size"] == 320
   from grain.sources import ArrayRecordDataSource
   records = ArrayRecordDataSource([str(out / s) for s in m["shards"]])
-  docs = data.open_prepared(str(out))
+  docs = pipeline.open_prepared(str(out))
   cat = catalog_lib.Catalog(str(out / "catalog.sqlite"))
   for i in (0, 17, 59):
     source_id, tokens = prepare.decode_record(records[i])
@@ -78,10 +79,10 @@ def test_catalog_ids_are_never_reused(tmp_path):
 
 def test_tfds_copy_reads_back_the_same_stream(prepared):
   out, _ = prepared
-  a, b = (data.open_prepared(str(out), reader) for reader in ("arrayrecord", "tfds"))
+  a, b = (pipeline.open_prepared(str(out), reader) for reader in ("arrayrecord", "tfds"))
   for i in (0, 31, 59):
     np.testing.assert_array_equal(a.read([i])[0], b.read([i])[0])
-  sa, sb = (data.DocStream(d, None, 64, 4, seed=3) for d in (a, b))
+  sa, sb = (pipeline.DocStream(d, None, 64, 4, seed=3) for d in (a, b))
   np.testing.assert_array_equal(sa.rows(np.arange(5))["tokens"], sb.rows(np.arange(5))["tokens"])
 
 
@@ -90,7 +91,7 @@ def test_groups_are_sources(tmp_path):
   m = prepare.prepare(corpus, str(tmp_path / "out"), vocab_size=300, source_by="group",
                       log=lambda _: 0)
   assert m["sources"] == 4 and m["per_source"]["documents"]["max"] == 10
-  docs = data.open_prepared(str(tmp_path / "out"))
+  docs = pipeline.open_prepared(str(tmp_path / "out"))
   assert set(docs.source_ids.tolist()) == {1, 2, 3, 4}
 
 
@@ -173,17 +174,17 @@ def _prepared_cfg(cfg, out):
 def test_train_on_prepared_data_and_refuse_other_data(prepared, smoke_cfg, tmp_path):
   out, m = prepared
   cfg = _prepared_cfg(smoke_cfg, out)
-  _, history = train.train(cfg, str(tmp_path / "run"))
+  _, history = trainer.train(cfg, str(tmp_path / "run"))
   evals = [h for h in history if h.get("split") == "val"]
   assert evals and np.isfinite(evals[-1]["unseen_loss"])
-  d = data.load(cfg)
+  d = pipeline.load(cfg)
   assert d.identity["tokenizer_sha256"] == m["tokenizer"]["sha256"]
   held = np.unique(d.unseen.rows(np.arange(d.unseen.epoch_rows(0)))["source_ids"])
   seen = np.unique(d.seen.rows(np.arange(d.seen.epoch_rows(0)))["source_ids"])
   assert len(held[held > 0]) == 8 and not np.intersect1d(held[held > 0], seen).size
 
   # serving a run on prepared text: SentencePiece prompts, router over its sources, refusals
-  from sinkformer import serving, switchboard
+  from sinkformer.serve import serving, switchboard
   server = serving.Server(str(tmp_path / "run"))
   out = server.generate(["Entity 3 is a"], "route")[0]
   assert out["source"] and isinstance(out["text"], str) and out["policy"] == "exclude"
@@ -199,20 +200,20 @@ def test_train_on_prepared_data_and_refuse_other_data(prepared, smoke_cfg, tmp_p
   cfg.data.corpus = str(other)
   cfg.train.steps = 9
   with pytest.raises(UserError, match="data tokenizer"):
-    train.train(cfg, str(tmp_path / "run"))
+    trainer.train(cfg, str(tmp_path / "run"))
 
 
 def test_config_tokenizer_hash_and_exclusions_are_checked(prepared, smoke_cfg):
   cfg = _prepared_cfg(smoke_cfg, prepared[0])
   cfg.data.tokenizer_hash = "0" * 64
   with pytest.raises(ConfigError, match="data.tokenizer_hash"):
-    data.load(cfg)
+    pipeline.load(cfg)
   cfg.data.tokenizer_hash = prepared[1]["tokenizer"]["sha256"]
   cfg.data.exclude = "e1,Entity 2,nobody"
   with pytest.raises(UserError, match="unknown source.*'nobody'"):
-    data.load(cfg)
+    pipeline.load(cfg)
   cfg.data.exclude = "e1,ENTITY 2,5"   # keys, titles, ids: sources 2, 3, 5
-  d = data.load(cfg)
+  d = pipeline.load(cfg)
   ids = d.seen.rows(np.arange(d.seen.epoch_rows(0)))["source_ids"]
   assert not np.isin(ids, [2, 3, 5]).any() and np.isin(ids, [4]).any()
 
@@ -277,8 +278,8 @@ def test_a_tfds_text_dataset_is_a_corpus(tmp_path, smoke_cfg):
   smoke_cfg.data.update(corpus="tfds:tiny_wiki:train", tfds_dir=str(tmp_path / "tfds"),
                         dir=str(tmp_path / "data"), val_sources=4)
   smoke_cfg.model.vocab_size = 320
-  d = data.load(smoke_cfg, log=lambda _: 0)   # prepared once into data.dir/prepared
-  out = data.prepared_dir("tfds:tiny_wiki:train", smoke_cfg)
+  d = pipeline.load(smoke_cfg, log=lambda _: 0)   # prepared once into data.dir/prepared
+  out = pipeline.prepared_dir("tfds:tiny_wiki:train", smoke_cfg)
   cat = catalog_lib.Catalog(f"{out}/catalog.sqlite")
   assert len(cat) == 30 and cat.get("1007")["title"] == "Entity 7"
   assert d.identity["tokenizer_sha256"] == tokenizer.load(f"{out}/tokenizer.model").sha256
@@ -290,7 +291,7 @@ def test_grouped_shards_read_back_the_same(prepared, tmp_path):
   grouped = prepare.prepare(corpus, str(tmp_path / "g"), tokenizer=str(out / "tokenizer.model"),
                             group_size=8, shard_docs=25, log=lambda _: 0)
   assert grouped["group_size"] == 8 and len(grouped["shards"]) == 3
-  a, b = data.open_prepared(str(out)), data.open_prepared(str(tmp_path / "g"))
+  a, b = pipeline.open_prepared(str(out)), pipeline.open_prepared(str(tmp_path / "g"))
   picks = [59, 3, 26, 3, 50]   # across shards, out of order, repeated
   for x, y in zip(a.read(picks), b.read(picks), strict=True):
     np.testing.assert_array_equal(x, y)
@@ -301,7 +302,7 @@ def test_a_mixture_of_raw_corpora_shares_the_first_tokenizer(tmp_path, smoke_cfg
   b = write_jsonl(tmp_path / "b.jsonl", n=20, seed=1)
   smoke_cfg.data.update(corpus=f"{a}@3,{b}@1", dir=str(tmp_path / "data"), val_sources=4)
   smoke_cfg.model.vocab_size = 300
-  d = data.load(smoke_cfg, log=lambda _: 0)
+  d = pipeline.load(smoke_cfg, log=lambda _: 0)
   assert d.train.quota.tolist() == [6, 2]
   first, second = d.identity["corpora"]
   assert (first["id_offset"], second["id_offset"]) == (0, 40)

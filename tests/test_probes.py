@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from sinkformer import probes
+from sinkformer.data import probes
 from sinkformer.errors import UserError
 
 SHARED = "The river that runs through the old town is called the willow"
@@ -67,7 +67,7 @@ def test_bad_input_is_reported(tmp_path):
 def test_cli_writes_probes_the_facts_suite_reads(tmp_path):
   import subprocess
   import sys
-  from sinkformer import evaluate
+  from sinkformer.eval import evaluate
   path = tmp_path / "c.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in corpus()))
   out = subprocess.run([sys.executable, "-m", "sinkformer", "data", "probes", "--corpus",

@@ -10,7 +10,8 @@ import pytest
 SCRIPT = r"""
 import json, shutil, sys
 import jax, numpy as np
-from sinkformer import checkpoint, config, train
+from sinkformer import checkpoint, config
+from sinkformer.train import trainer
 
 root = sys.argv[1]
 def run(name, mesh, devices, steps=4):
@@ -19,7 +20,7 @@ def run(name, mesh, devices, steps=4):
       "--config.train.warmup_steps=1", "--config.train.log_every=1",
       "--config.train.eval_every=0", "--config.train.checkpoint_every=2"))
   cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
-  state, hist = train.train(cfg, f"{root}/{name}", devices=devices)
+  state, hist = trainer.train(cfg, f"{root}/{name}", devices=devices)
   return [h["loss"] for h in hist], jax.device_get(state["params"])
 
 out, params = {}, {}

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sinkformer import sinks
+from sinkformer.model import sinks
 
 SPEC = sinks.SinkSpec(backbone=32, mlp=sinks.Pool(416, 16), attn=None, num_layers=3,
                       per_layer=False, exact=True, seed=0, backbone_rescale=False)
@@ -16,7 +16,7 @@ BIG_IDS = [1, 2, 7, 123_456, 2**31 - 1]
 
 MASK_SCRIPT = """
 import json, sys, jax.numpy as jnp
-from sinkformer import sinks
+from sinkformer.model import sinks
 spec = sinks.SinkSpec(backbone=32, mlp=sinks.Pool(416, 16), attn=None, num_layers=3,
                       per_layer=False, exact=True, seed=0, backbone_rescale=False)
 m = sinks.sink_mask(spec, jnp.array(json.loads(sys.argv[1])))

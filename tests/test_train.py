@@ -7,18 +7,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sinkformer import data as data_lib, flops, train
+from sinkformer import engine
+from sinkformer.data import pipeline
+from sinkformer.model import flops
+from sinkformer.train import trainer
 
 
 def first_batch(setup, cfg, step=0):
-  return train.put_batch(setup, data_lib.load(cfg).train.batch(step))
+  return engine.put_batch(setup, pipeline.load(cfg).train.batch(step))
 
 
 def test_a_few_steps_lower_the_loss(smoke_cfg):
   smoke_cfg.train.steps = 12
-  setup = train.build(smoke_cfg)
-  state = train.init_state(setup, 0)
-  step = train.compile_train_step(setup, state, first_batch(setup, smoke_cfg))
+  setup = engine.build(smoke_cfg)
+  state = engine.init_state(setup, 0)
+  step = trainer.compile_train_step(setup, state, first_batch(setup, smoke_cfg))
   losses = []
   for i in range(12):
     state, metrics = step(state, first_batch(setup, smoke_cfg, i))
@@ -31,9 +34,9 @@ def test_gradient_accumulation_matches_one_big_batch(smoke_cfg):
   results = []
   for accum in (1, 4):
     smoke_cfg.train.grad_accum = accum
-    setup = train.build(smoke_cfg)
-    state = train.init_state(setup, 0)
-    step = train.compile_train_step(setup, state, first_batch(setup, smoke_cfg))
+    setup = engine.build(smoke_cfg)
+    state = engine.init_state(setup, 0)
+    step = trainer.compile_train_step(setup, state, first_batch(setup, smoke_cfg))
     state, metrics = step(state, first_batch(setup, smoke_cfg))
     results.append((jax.device_get(state["params"]), float(metrics["loss"])))
   assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
@@ -42,16 +45,16 @@ def test_gradient_accumulation_matches_one_big_batch(smoke_cfg):
 
 
 def test_per_source_loss_from_inside_the_step(smoke_cfg):
-  setup = train.build(smoke_cfg)
-  state = train.init_state(setup, 0)
+  setup = engine.build(smoke_cfg)
+  state = engine.init_state(setup, 0)
   batch = first_batch(setup, smoke_cfg)
-  nll, mask = jax.device_get(train.token_losses(setup, state["params"], batch))
-  step = train.compile_train_step(setup, state, batch)
+  nll, mask = jax.device_get(engine.token_losses(setup, state["params"], batch))
+  step = trainer.compile_train_step(setup, state, batch)
   _, metrics = step(state, batch)
   docs = jax.device_get(metrics["docs"])
   # Sized by the batch (rows x document slots), never by the number of sources.
   assert docs["source"].shape == (smoke_cfg.train.batch_size, smoke_cfg.data.max_docs_per_row + 1)
-  ids, loss, tokens = train._aggregate_sources([docs])
+  ids, loss, tokens = trainer._aggregate_sources([docs])
   src = np.asarray(batch["source_ids"])
   for sid, l, n in zip(ids, loss, tokens):
     sel = (src == sid) & (mask > 0)
@@ -62,9 +65,9 @@ def test_per_source_loss_from_inside_the_step(smoke_cfg):
 
 def test_bf16_compute_keeps_float32_params(smoke_cfg):
   smoke_cfg.model.dtype = "bfloat16"
-  setup = train.build(smoke_cfg)
-  state = train.init_state(setup, 0)
-  step = train.compile_train_step(setup, state, first_batch(setup, smoke_cfg))
+  setup = engine.build(smoke_cfg)
+  state = engine.init_state(setup, 0)
+  step = trainer.compile_train_step(setup, state, first_batch(setup, smoke_cfg))
   state, metrics = step(state, first_batch(setup, smoke_cfg))
   assert np.isfinite(float(metrics["loss"]))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
@@ -74,19 +77,19 @@ def test_bf16_compute_keeps_float32_params(smoke_cfg):
 def test_training_sources_score_better_with_their_own_sinks(smoke_cfg, tmp_path):
   smoke_cfg.train.update(steps=120, warmup_steps=10, log_every=40, eval_every=0)
   smoke_cfg.data.num_sources = 48
-  state, _ = train.train(smoke_cfg, str(tmp_path))
-  setup = train.build(smoke_cfg)
-  seen = data_lib.load(smoke_cfg).seen
+  state, _ = trainer.train(smoke_cfg, str(tmp_path))
+  setup = engine.build(smoke_cfg)
+  seen = pipeline.load(smoke_cfg).seen
   batch = {k: jnp.asarray(v) for k, v in seen.rows(np.arange(seen.epoch_rows(0))).items()}
   loss = {}
   for mode in ("train", "backbone"):
-    nll, mask = train.token_losses(setup, state["params"], batch, mode)
+    nll, mask = engine.token_losses(setup, state["params"], batch, mode)
     loss[mode] = float(nll.sum() / mask.sum())
   assert loss["train"] < loss["backbone"] - 0.5, loss
 
 
 def test_run_writes_metrics_tensorboard_and_per_source_logs(smoke_cfg, tmp_path):
-  _, history = train.train(smoke_cfg, str(tmp_path))
+  _, history = trainer.train(smoke_cfg, str(tmp_path))
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train_rows = [l for l in lines if l["split"] == "train"]
   assert [l["step"] for l in train_rows] == [3, 6]
@@ -102,9 +105,9 @@ def test_run_writes_metrics_tensorboard_and_per_source_logs(smoke_cfg, tmp_path)
 
 def test_flops_formula_agrees_with_xla(smoke_cfg):
   """6N + 6LsD (causal-halved attention) vs XLA's count of the compiled train step."""
-  setup = train.build(smoke_cfg)
-  state = train.init_state(setup, 0)
-  step = train.compile_train_step(setup, state, first_batch(setup, smoke_cfg))
+  setup = engine.build(smoke_cfg)
+  state = engine.init_state(setup, 0)
+  step = trainer.compile_train_step(setup, state, first_batch(setup, smoke_cfg))
   cost = step.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   tokens = smoke_cfg.train.batch_size * smoke_cfg.data.seq_len

@@ -13,8 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sinkformer import catalog, config, generate, model, serving, sinks, switchboard, train
+from sinkformer import config
+from sinkformer.data import catalog
 from sinkformer.errors import UserError
+from sinkformer.model import sinks, transformer
+from sinkformer.serve import generate, serving, switchboard
+from sinkformer.train import trainer
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +26,7 @@ def run_dir(tmp_path_factory):
   cfg = config.load("experiments/quickstart.py:smoke")
   cfg.train.update(steps=40, eval_every=0, log_every=20, checkpoint_every=40)
   path = tmp_path_factory.mktemp("run")
-  train.train(cfg, str(path))
+  trainer.train(cfg, str(path))
   return str(path)
 
 
@@ -120,7 +124,7 @@ def test_search_matches_its_text_literally(tmp_path):
 
 CRASH = """
 import sys
-from sinkformer import switchboard
+from sinkformer.serve import switchboard
 b = switchboard.Switchboard(sys.argv[1])
 ids = [r["id"] for r in b.page("active", 0, 10**9)]
 for start in range(0, len(ids), 10000):
@@ -179,10 +183,10 @@ def test_exclusion_is_an_argument_and_equals_deleting_the_units(fresh_run):
           "segment_ids": jnp.ones((1, len(prompts[0])), jnp.int32)}
   gate = lambda ex: sinks.make_gate(server.setup.spec, "source", segment_ids=rows["segment_ids"],
                                     row_sources=jnp.asarray([10]), exclude=ex, max_docs=1)
-  served = model.apply(server.setup.graphdef, server.params, rows, gate(ex))
-  hard = model.apply(server.setup.graphdef, deleted, rows, gate(None))
+  served = transformer.apply(server.setup.graphdef, server.params, rows, gate(ex))
+  hard = transformer.apply(server.setup.graphdef, deleted, rows, gate(None))
   np.testing.assert_allclose(served, hard, atol=1e-5)
-  assert np.abs(served - model.apply(server.setup.graphdef, server.params, rows, gate(None))).max() > 0
+  assert np.abs(served - transformer.apply(server.setup.graphdef, server.params, rows, gate(None))).max() > 0
 
 
 def test_every_mode_and_no_path_to_an_unlearned_source(fresh_run):
@@ -229,7 +233,7 @@ def test_kv_cache_sampling_and_scoring_agree_with_the_plain_model(fresh_run):
           "segment_ids": jnp.ones_like(seq)}
   gate = sinks.make_gate(setup.spec, "source", segment_ids=rows["segment_ids"],
                          row_sources=jnp.asarray([3]), exclude=ex, max_docs=1)
-  logp = jax.nn.log_softmax(model.apply(setup.graphdef, params, rows, gate)[0])
+  logp = jax.nn.log_softmax(transformer.apply(setup.graphdef, params, rows, gate)[0])
   want = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(answer))
   assert got == pytest.approx(want, rel=1e-4)
 

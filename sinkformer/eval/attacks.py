@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from sinkformer import gcg, posthoc, serving
+from sinkformer import engine
 from sinkformer.errors import UserError
-from sinkformer.evaluate import (Context, categories, doc_condition, documents, fact_truth_ratios,
+from sinkformer.eval import gcg, posthoc
+from sinkformer.eval.evaluate import (Context, categories, doc_condition, documents, fact_truth_ratios,
                                  load_facts, pyplot, write_page, write_table)
 
 
@@ -27,7 +28,7 @@ def relearn_suite(ctx: Context) -> dict:
   """
   s = ctx.settings.relearn
   conditions = ctx.conditions([s.mask])
-  cap = serving.load_config(ctx.run).data.seq_len
+  cap = engine.load_config(ctx.run).data.seq_len
   docs = documents(ctx.run, conditions[0][1].forget, cap=cap)[0]
   if len(docs) < 2:
     raise UserError("the relearning attack needs at least two forget documents")

@@ -10,17 +10,17 @@ only never activates unlearned sources. Every result records its mode, source an
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from sinkformer import checkpoint, config, data as data_lib, generate, model, sinks, switchboard
-from sinkformer import synthetic, tokenizer as tok_lib, train
+from sinkformer import engine
+from sinkformer.data import pipeline, synthetic, tokenizer as tok_lib
 from sinkformer.errors import UserError
+from sinkformer.model import sinks, transformer
+from sinkformer.serve import generate, switchboard
 
 POLICIES = ("exclude", "route")
 OPENING = 64   # tokens of a source's first document that its router embedding reads
@@ -65,36 +65,6 @@ class Excluder:
     return sinks.Exclusion(self.mlp.copy(), None if self.attn is None else self.attn.copy())
 
 
-UNLEARN_DEFAULTS = {"policy": "exclude", "router": "title+opening", "allow_reactivation": False}
-
-
-def load_config(run_dir: str):
-  """A run's config.json; runs from before the `unlearn` and `eval` sections get their
-  defaults."""
-  try:
-    with open(os.path.join(run_dir, "config.json")) as f:
-      raw = json.load(f)
-  except OSError:
-    raise UserError(f"{run_dir} is not a sinkformer run (no config.json)") from None
-  raw["unlearn"] = {**UNLEARN_DEFAULTS, **raw.get("unlearn", {})}
-  raw["eval"] = {k: {**v, **raw.get("eval", {}).get(k, {})} for k, v in config.EVAL_DEFAULTS.items()}
-  return ml_collections.ConfigDict(raw)
-
-
-def trained_config(run_dir: str):
-  """(config, data identity) of a run, with data.corpus pinned to what it really trained on
-  (a fallback or a corpus prepared by the trainer)."""
-  cfg = load_config(run_dir)
-  ckpts, step = checkpoint.locate(os.path.join(run_dir, "checkpoints"))
-  identity = ckpts.meta(step).get("data", {"corpus": "builtin"})
-  ckpts.close()
-  if identity.get("corpus") == "builtin":
-    cfg.data.corpus = "builtin"
-  elif len(identity["corpora"]) == 1:
-    cfg.data.corpus = identity["corpora"][0]["path"]
-  return cfg, identity
-
-
 def run_tokenizer(cfg, identity: dict):
   """The tokenizer a run was trained with: the built-in words or its corpus' SentencePiece."""
   if identity.get("corpus") == "builtin":
@@ -110,7 +80,7 @@ def source_openings(cfg, identity: dict, ids: np.ndarray) -> list[np.ndarray]:
             + synthetic.generate(d.val_sources, d.facts_per_source, d.seed + 1).docs)
     return [docs[i - 1][:OPENING] for i in ids]
   first = {}   # source id (offset as in training) -> (corpus, its first document)
-  corpora = [data_lib.open_prepared(c["path"], id_offset=c["id_offset"])
+  corpora = [pipeline.open_prepared(c["path"], id_offset=c["id_offset"])
              for c in identity["corpora"]]
   for c, docs in enumerate(corpora):
     for index, source in enumerate(docs.source_ids.tolist()):
@@ -139,7 +109,7 @@ class Router:
 
   @staticmethod
   def embed(setup, params, token_lists, batch_size: int = 64) -> np.ndarray:
-    length = generate._bucket(max(len(t) for t in token_lists))
+    length = generate.bucket(max(len(t) for t in token_lists))
     out = []
     for start in range(0, len(token_lists), batch_size):
       chunk = token_lists[start:start + batch_size]
@@ -169,26 +139,12 @@ def _mean_features_impl(setup, params, tokens, seg):
                                                          segment_ids=seg, max_docs=1)
   batch = {"tokens": tokens, "positions": jnp.maximum(jnp.cumsum(seg, 1) - 1, 0),
            "segment_ids": seg}
-  x = model.features(setup.graphdef, params, batch, gate).astype(jnp.float32)
+  x = transformer.features(setup.graphdef, params, batch, gate).astype(jnp.float32)
   w = seg[..., None].astype(jnp.float32)
   return (x * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
 
 
 _mean_features = jax.jit(_mean_features_impl, static_argnums=0)
-
-
-_SETUPS: dict[str, train.Setup] = {}
-
-
-def shared_setup(cfg) -> train.Setup:
-  """One single-device Setup per architecture and optimizer config. Jitted functions take the
-  Setup as a static argument (hashed by identity), so runs that share one (a NULL and its
-  retrain oracle; the dense control and its post-hoc copies) share compiled code too."""
-  key = json.dumps([cfg.model.to_dict(), cfg.sinks.to_dict(), cfg.train.to_dict(),
-                    cfg.data.max_docs_per_row], sort_keys=True)
-  if key not in _SETUPS:
-    _SETUPS[key] = train.build(cfg, jax.devices()[:1])
-  return _SETUPS[key]
 
 
 class Server:
@@ -197,22 +153,16 @@ class Server:
 
   def __init__(self, run_dir: str, step: int | None = None, policy: str | None = None,
                router_text: str | None = None):
-    cfg = load_config(run_dir)
-    cfg.mesh.update(data=1, fsdp=1, tensor=1)
-    self.run_dir, self.cfg = run_dir, cfg
-    self.policy = policy or cfg.unlearn.policy
-    self.router_text = router_text or cfg.unlearn.router
+    run = engine.load_run(run_dir, step)
+    self.run_dir, self.cfg, self.setup, self.step = run_dir, run.cfg, run.setup, run.step
+    self.policy = policy or self.cfg.unlearn.policy
+    self.router_text = router_text or self.cfg.unlearn.router
     if self.router_text not in ROUTER_TEXTS:
       raise UserError(f"unknown router text {self.router_text!r}; expected one of {ROUTER_TEXTS}")
     if self.policy not in POLICIES:
       raise UserError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
-    self.setup = shared_setup(cfg)
-    ckpts, self.step = checkpoint.locate(os.path.join(run_dir, "checkpoints") if step is None
-                                         else os.path.join(run_dir, "checkpoints", str(step)))
-    state, meta = ckpts.restore(self.step, train.abstract_state(self.setup))
-    ckpts.close()
-    self.params, self.identity = state["params"], meta.get("data", {"corpus": "builtin"})
-    self.tokenizer = run_tokenizer(cfg, self.identity)
+    self.params, self.identity = run.params, run.identity
+    self.tokenizer = run_tokenizer(self.cfg, self.identity)
     self.board = switchboard.Switchboard(run_dir)
     self.excluder = Excluder(self.setup.spec, self.board) if self.setup.spec else None
     self._router = None
@@ -308,7 +258,7 @@ def capacity(run_dir: str, counts: list[int], sample: int = 512, seed: int = 0) 
   """Fraction of retained sources' sinks that the exclude policy zeroes when n sources are
   unlearned: the run's actual unlearned sources first, then random active ones. `expected`
   is 1 - (1 - k/P)^n (independent uniform k-subsets)."""
-  cfg = load_config(run_dir)
+  cfg = engine.load_config(run_dir)
   spec = sinks.SinkSpec.from_config(cfg)
   if spec is None:
     raise UserError(f"{run_dir} is the dense control: it has no sinks")

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sinkformer import train
+from sinkformer import engine
 
 FIRST_FREE = 4   # ids below are pad/unk/bos/eos (or the built-in corpus' specials)
 
@@ -61,7 +61,7 @@ def _rows(prompts, target, bos: int, row_source):
 
 def _losses(setup, mode, params, batch, exclude):
   """(mean target NLL, greedy reproduces the target) per row."""
-  logits = train.logits_in_mode(setup, params, batch, mode, exclude)
+  logits = engine.logits_in_mode(setup, params, batch, mode, exclude)
   mask = batch["loss_mask"].astype(bool)
   nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), batch["targets"][..., None], -1)[..., 0]
   hit = jnp.where(mask, jnp.argmax(logits, -1) == batch["targets"], True).all(-1)

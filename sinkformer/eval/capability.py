@@ -15,9 +15,12 @@ import json
 
 import numpy as np
 
-from sinkformer import generate, metrics, serving, synthetic
+from sinkformer import engine
+from sinkformer.data import synthetic
 from sinkformer.errors import UserError
-from sinkformer.evaluate import (Context, candidate_logprobs, doc_condition, documents, pyplot,
+from sinkformer.eval import metrics
+from sinkformer.serve import generate
+from sinkformer.eval.evaluate import (Context, candidate_logprobs, doc_condition, documents, pyplot,
                                  write_page, write_table)
 
 # section -> (prompt template over the pair (a, b) of an analogy line, which one answers)
@@ -97,7 +100,7 @@ def capability_suite(ctx: Context) -> dict:
   items = [] if skip else clozes(ctx.clozes, c.clozes)
   if skip:
     print(f"capability: clozes skipped ({skip}); held-out perplexity only")
-  cap = serving.load_config(ctx.run).data.seq_len
+  cap = engine.load_config(ctx.run).data.seq_len
   held_out = documents(ctx.run, np.zeros(0, np.int32), cap=cap)[1][:c.documents]
   if not held_out:
     raise UserError(f"{ctx.run} has no held-out documents (data.val_sources = 0 and no "

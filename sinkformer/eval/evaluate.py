@@ -30,8 +30,12 @@ import os
 import ml_collections
 import numpy as np
 
-from sinkformer import config, data as data_lib, generate, metrics, serving, sinks
+from sinkformer import config, engine
+from sinkformer.data import pipeline
 from sinkformer.errors import UserError
+from sinkformer.eval import metrics
+from sinkformer.model import sinks
+from sinkformer.serve import generate, serving
 
 
 def load_facts(path: str) -> list[dict]:
@@ -45,7 +49,7 @@ def load_facts(path: str) -> list[dict]:
 
 def settings(run_dir: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
   """The run's `eval` section with `section.field=value` overrides (e.g. gcg.steps=5)."""
-  e = serving.load_config(run_dir).eval
+  e = engine.load_config(run_dir).eval
   for item in overrides:
     path, eq, value = item.partition("=")
     section, _, field = path.partition(".")
@@ -64,8 +68,8 @@ def settings(run_dir: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
     else:
       ok = type(parsed) is type(current)
     if not ok:   # e.g. 2.5 for a step count: refuse rather than truncate
-      raise UserError(f"--set {item!r}: {path} takes a {type(current).__name__}, "
-                      f"e.g. {path}={current!r}")
+      kind = "list" if isinstance(current, (list, tuple)) else type(current).__name__
+      raise UserError(f"--set {item!r}: {path} takes a {kind}, e.g. {path}={current!r}")
     e[section][field] = list(parsed) if isinstance(current, (list, tuple)) else type(current)(parsed)
   config.validate_eval(e)
   return e
@@ -274,8 +278,8 @@ PREFIX = 32   # tokens of a document given as the prompt (extraction) or routing
 def documents(run_dir: str, forget_ids: np.ndarray, cap: int = 256):
   """(forget documents, never-seen documents) of a run as [(source id, tokens)], the latter
   from its held-out validation sources."""
-  cfg, _ = serving.trained_config(run_dir)
-  d = data_lib.load(cfg, log=lambda _: None)
+  cfg, _ = engine.trained_config(run_dir)
+  d = pipeline.load(cfg, log=lambda _: None)
   seen, unseen = d.seen.docs, d.unseen.docs
   pick = lambda docs, index: [(int(docs.source_ids[i]), t[:cap])
                               for i, t in zip(index, docs.read(index))]
@@ -285,8 +289,8 @@ def documents(run_dir: str, forget_ids: np.ndarray, cap: int = 256):
 
 def retained_documents(run_dir: str, forget_ids, count: int, cap: int):
   """The first `count` training documents of sources outside the forget set."""
-  cfg, _ = serving.trained_config(run_dir)
-  seen = data_lib.load(cfg, log=lambda _: None).seen
+  cfg, _ = engine.trained_config(run_dir)
+  seen = pipeline.load(cfg, log=lambda _: None).seen
   index = np.flatnonzero(seen.keep & ~np.isin(seen.docs.source_ids, forget_ids))[:count]
   return [(int(seen.docs.source_ids[i]), t[:cap]) for i, t in zip(index, seen.docs.read(index))]
 

@@ -15,7 +15,10 @@ import jax
 import numpy as np
 import optax
 
-from sinkformer import config as config_lib, flops, mesh as mesh_lib, model, train
+from sinkformer import config as config_lib, engine
+from sinkformer.model import flops, transformer
+from sinkformer.parallel import mesh as mesh_lib
+from sinkformer.train import trainer
 
 
 def _mesh_size(cfg) -> int:
@@ -40,18 +43,18 @@ def per_device_bytes(abstract_tree, shardings, shape: dict) -> int:
 def plan(cfg) -> dict:
   devices = _mesh_size(cfg)
   shape = dict(zip(config_lib.MESH_AXES, config_lib.validate(cfg, devices)))
-  dims = model.Dims.from_config(cfg)
-  _, abstract_params, axes = model.abstract(dims)
+  dims = transformer.Dims.from_config(cfg)
+  _, abstract_params, axes = transformer.abstract(dims)
   tokens = cfg.train.batch_size * cfg.data.seq_len
   flops_token = flops.flops_per_token(dims, cfg.data.seq_len)
-  out = {"mesh": shape, "parameters": model.count_params(abstract_params),
+  out = {"mesh": shape, "parameters": transformer.count_params(abstract_params),
          "flops_per_token": flops_token, "flops_per_step": flops_token * tokens,
          "tokens_per_step": tokens}
 
   # Per-device state memory from the sharding rules alone: no devices needed.
   param_specs = jax.tree.map(lambda a: _Spec(mesh_lib.spec(a)), axes,
                              is_leaf=lambda x: isinstance(x, tuple))
-  tx, _ = train.make_optimizer(cfg.train)
+  tx, _ = engine.make_optimizer(cfg.train)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_specs = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_specs,
                                     transform_non_params=lambda _: _Spec(()),
@@ -60,12 +63,12 @@ def plan(cfg) -> dict:
   out["optimizer_bytes_per_device"] = per_device_bytes(abstract_opt, opt_specs, shape)
 
   if jax.device_count() >= devices:
-    setup = train.build(cfg, jax.devices()[:devices])
-    state = train.abstract_state(setup)
+    setup = engine.build(cfg, jax.devices()[:devices])
+    state = engine.abstract_state(setup)
     batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), np.int32,
                                      sharding=setup.batch_sharding)
              for k in ("tokens", "targets", "loss_mask", "source_ids", "segment_ids", "positions")}
-    compiled = train.compile_train_step(setup, state, batch)
+    compiled = trainer.compile_train_step(setup, state, batch)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     out["xla_flops_per_step_per_device"] = float(cost.get("flops", float("nan")))

@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import os
 
-from sinkformer import attacks, capability, encyclopedia, evaluate, fetch, posthoc, serving
-from sinkformer import switchboard, train
+from sinkformer.data import encyclopedia, fetch
 from sinkformer.errors import UserError
+from sinkformer.eval import attacks, capability, evaluate, posthoc
+from sinkformer.serve import serving, switchboard
+from sinkformer.train import trainer
 
 # GCG on every condition costs minutes on 2 cores; the story takes a quick look.
 STORY_GCG = ["gcg.targets=4", "gcg.lengths=(4, 8, 16)", "gcg.steps=10", "gcg.candidates=32"]
@@ -54,7 +56,7 @@ def run(cfg, workdir: str, people: int = 400, forget: int = 20, holdout: int = 2
       c.data.update(**overrides)
       if name == "dense":
         c.model.kind = "dense"
-      train.train(c, runs[name])
+      trainer.train(c, runs[name])
   for method in ("npo", "ga"):
     if not trained(runs[method]):
       _phase(f"post-hoc {method} on the dense control ({posthoc_steps} steps)")

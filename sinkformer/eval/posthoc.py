@@ -22,20 +22,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sinkformer import checkpoint, generate, train
+from sinkformer import checkpoint, engine
 from sinkformer.errors import UserError
+from sinkformer.serve import generate
 
 METHODS = ("ga", "graddiff", "npo", "relearn")
 
 
 def rows(documents: list, sources, batch_size: int) -> list[dict]:
   """Fixed-shape batches with one document per row (loss on all of it)."""
-  return [b for _, b in generate._rows([[d[0]] for d in documents],
+  return [b for _, b in generate.answer_rows([[d[0]] for d in documents],
                                        [list(d[1:]) for d in documents], sources, batch_size)]
 
 
 def _sequence_logp(setup, params, batch, mode, exclude):
-  nll, mask = train.token_losses(setup, params, batch, mode, exclude)
+  nll, mask = engine.token_losses(setup, params, batch, mode, exclude)
   return -nll.sum(1), mask.sum(1)
 
 
@@ -105,19 +106,13 @@ class Finetuner:
 
 def save_run(source_run: str, out: str, params, step: int, note: dict):
   """A new run directory with `params` as its checkpoint: servable and evaluable like any run."""
-  from sinkformer import serving
   os.makedirs(out, exist_ok=True)
   for name in ("config.json", "sources.sqlite"):
     shutil.copy(os.path.join(source_run, name), out)
-  cfg = serving.load_config(source_run)
-  cfg.mesh.update(data=1, fsdp=1, tensor=1)
-  setup = train.build(cfg, jax.devices()[:1])
-  src, src_step = checkpoint.locate(os.path.join(source_run, "checkpoints"))
-  state, meta = src.restore(src_step, train.abstract_state(setup))
-  src.close()
-  state["params"] = params
+  source = engine.load_run(source_run)
   ckpts = checkpoint.Checkpoints(os.path.join(out, "checkpoints"), every=1, keep=None)
-  ckpts.save(step, state, {**meta, "posthoc": note}, force=True)
+  ckpts.save(step, {**source.state, "params": params}, {**source.meta, "posthoc": note},
+             force=True)
   ckpts.wait()
   ckpts.close()
 
@@ -128,9 +123,9 @@ def unlearn(run_dir: str, forget: list[str], method: str, steps: int, lr: float,
   """Apply a post-hoc method to a run (normally the dense control) and save the result as a
   run in `out`. Retain set: `retain` documents of sources outside the forget set. `epochs`
   > 0 replaces `steps` by that many passes over the forget documents."""
-  from sinkformer import evaluate, serving
+  from sinkformer.eval import evaluate
   scorer = evaluate.Scorer(run_dir, forget)
-  cfg, _ = serving.trained_config(run_dir)
+  cfg, _ = engine.trained_config(run_dir)
   forget_docs, _ = evaluate.documents(run_dir, scorer.forget, cap=cfg.data.seq_len)
   if not forget_docs:
     raise UserError("the forget set has no documents in this run's data")

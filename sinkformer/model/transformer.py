@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sinkformer import sinks
+from sinkformer.model import sinks
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -19,7 +19,7 @@ import os
 import sqlite3
 import uuid
 
-from sinkformer import catalog as catalog_lib
+from sinkformer.data import catalog as catalog_lib
 from sinkformer.errors import UserError
 
 FILE = "sources.sqlite"

@@ -24,8 +24,8 @@ from typing import Callable
 import grain
 import numpy as np
 
-from sinkformer import catalog as catalog_lib, fetch, prepare as prepare_lib, synthetic
-from sinkformer import tokenizer as tok_lib
+from sinkformer.data import catalog as catalog_lib, fetch, prepare as prepare_lib, synthetic
+from sinkformer.data import tokenizer as tok_lib
 from sinkformer.errors import ConfigError, UserError
 
 FIELDS = ("tokens", "targets", "loss_mask", "source_ids", "segment_ids", "positions")

@@ -25,7 +25,7 @@ import time
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from sinkformer import catalog as catalog_lib, corpora, fetch, tokenizer as tok_lib
+from sinkformer.data import catalog as catalog_lib, corpora, fetch, tokenizer as tok_lib
 from sinkformer.errors import UserError
 
 FORMAT = "sinkformer-records-v1"   # little-endian int32 [source_id, tokens...]

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sinkformer import model, sinks, tokenizer as tok_lib, train
+from sinkformer import engine
+from sinkformer.data import tokenizer as tok_lib
+from sinkformer.model import sinks, transformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +29,7 @@ class Sampling:
   top_p: float = 1.0         # 1: no nucleus filter
 
 
-def _bucket(n: int, least: int = 16) -> int:
+def bucket(n: int, least: int = 16) -> int:
   return max(least, 1 << (max(n, 1) - 1).bit_length())
 
 
@@ -48,7 +50,7 @@ def pick(logits, key, s: Sampling):
   return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
-def _gate(setup: train.Setup, mode: str, segment_ids, row_sources, exclude):
+def _gate(setup: engine.Setup, mode: str, segment_ids, row_sources, exclude):
   if setup.spec is None:
     return None
   return sinks.make_gate(setup.spec, mode, segment_ids=segment_ids, row_sources=row_sources,
@@ -66,11 +68,11 @@ def _sample(setup, mode: str, s: Sampling, use_cache: bool, params, tokens, vali
   total = tp + s.max_new
   keys = jax.random.split(key, s.max_new)
   valid_all = jnp.zeros((b, total), bool).at[:, :tp].set(valid)
-  run = lambda batch, seg, cache=None: model.apply(
+  run = lambda batch, seg, cache=None: transformer.apply(
       setup.graphdef, params, batch, _gate(setup, mode, seg, row_sources, exclude), cache)
 
   if use_cache:
-    cache = model.empty_cache(setup.dims, b, total)._replace(valid=valid_all)
+    cache = transformer.empty_cache(setup.dims, b, total)._replace(valid=valid_all)
     seg = valid.astype(jnp.int32)
     logits, cache = run({"tokens": tokens, "positions": _positions(valid), "segment_ids": seg},
                         seg, cache)
@@ -106,11 +108,11 @@ def _sample(setup, mode: str, s: Sampling, use_cache: bool, params, tokens, vali
   return out.T
 
 
-def sample(setup: train.Setup, params, prompts: list[list[int]], row_sources, exclude,
+def sample(setup: engine.Setup, params, prompts: list[list[int]], row_sources, exclude,
            s: Sampling = Sampling(), mode: str = "source", seed: int = 0,
            use_cache: bool = True, eos: int = tok_lib.EOS) -> list[list[int]]:
   """New tokens for each prompt (token ids, BOS included), cut after the `eos` id."""
-  b, tp = _bucket(len(prompts), 1), _bucket(max(len(p) for p in prompts))
+  b, tp = bucket(len(prompts), 1), bucket(max(len(p) for p in prompts))
   tokens, valid = np.zeros((b, tp), np.int32), np.zeros((b, tp), bool)
   for i, p in enumerate(prompts):
     tokens[i, tp - len(p):], valid[i, tp - len(p):] = p, True
@@ -123,7 +125,7 @@ def sample(setup: train.Setup, params, prompts: list[list[int]], row_sources, ex
 
 @partial(jax.jit, static_argnums=(0, 1))
 def _score(setup, mode: str, params, batch, exclude):
-  nll, _ = train.token_losses(setup, params, batch, mode, exclude)
+  nll, _ = engine.token_losses(setup, params, batch, mode, exclude)
   return -nll.sum(1)
 
 
@@ -131,7 +133,7 @@ def _score(setup, mode: str, params, batch, exclude):
 def _token_stats(setup, mode: str, params, batch, exclude):
   """Per target token: log p(target), and the mean and std of log p(v) under the model's own
   distribution (what Min-K%++ normalises by)."""
-  logp = jax.nn.log_softmax(train.logits_in_mode(setup, params, batch, mode, exclude), -1)
+  logp = jax.nn.log_softmax(engine.logits_in_mode(setup, params, batch, mode, exclude), -1)
   target = jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
   p = jnp.exp(logp)
   mu = (p * logp).sum(-1)
@@ -139,11 +141,11 @@ def _token_stats(setup, mode: str, params, batch, exclude):
   return target, mu, sigma
 
 
-def token_stats(setup: train.Setup, params, documents: list[list[int]], row_sources, exclude,
+def token_stats(setup: engine.Setup, params, documents: list[list[int]], row_sources, exclude,
                 mode: str = "source", batch_size: int = 32) -> list[dict]:
   """For each document (token ids, BOS first): per-token log p, mu and sigma of its targets."""
   n = len(documents)
-  rows = _rows([[d[0]] for d in documents], [list(d[1:]) for d in documents], row_sources,
+  rows = answer_rows([[d[0]] for d in documents], [list(d[1:]) for d in documents], row_sources,
                batch_size)
   out = []
   for start, batch in rows:
@@ -154,10 +156,10 @@ def token_stats(setup: train.Setup, params, documents: list[list[int]], row_sour
   return out
 
 
-def _rows(prompts, answers, row_sources, batch_size: int):
+def answer_rows(prompts, answers, row_sources, batch_size: int):
   """(start, batch) of fixed-shape rows: prompt + answer, the loss on the answer only."""
   n = len(prompts)
-  length = _bucket(max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True)))
+  length = bucket(max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True)))
   for start in range(0, n, batch_size):
     batch = {f: np.zeros((batch_size, length), np.int32) for f in
              ("tokens", "targets", "loss_mask", "positions", "segment_ids")}
@@ -175,13 +177,13 @@ def _rows(prompts, answers, row_sources, batch_size: int):
     yield start, batch
 
 
-def score(setup: train.Setup, params, prompts: list[list[int]], answers: list[list[int]],
+def score(setup: engine.Setup, params, prompts: list[list[int]], answers: list[list[int]],
           row_sources, exclude, mode: str = "source", batch_size: int = 32) -> np.ndarray:
   """log p(answer | prompt) summed over the answer's tokens, per item, in a sink mode
   ("source" with `row_sources`, "backbone", or "dense" for the control)."""
   n = len(prompts)
   out = np.zeros(n)
-  for start, batch in _rows(prompts, answers, row_sources, batch_size):
+  for start, batch in answer_rows(prompts, answers, row_sources, batch_size):
     got = np.asarray(_score(setup, mode, params, batch, exclude))
     out[start:start + batch_size] = got[:min(n, start + batch_size) - start]
   return out

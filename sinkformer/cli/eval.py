@@ -1,0 +1,120 @@
+"""Measuring forgetting: the retrain oracle, post-hoc baselines, and the evaluation suites."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from sinkformer.cli.common import run_flag
+from sinkformer.errors import UserError
+
+
+def _oracle_flags(fv, argv):
+  run_flag(fv)
+  flags.DEFINE_string("forget", None, "sources to leave out: 'a,b,c' or @FILE (keys, titles, "
+                      "ids, groups)", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "where the oracle run goes", flag_values=fv)
+
+
+def _oracle(fv):
+  """The retrain oracle: the run's own config, seed and data order, minus the forget set."""
+  import os
+  from sinkformer import engine
+  from sinkformer.data import pipeline
+  from sinkformer.serve import switchboard
+  from sinkformer.train import trainer
+  cfg, identity = engine.trained_config(fv.run)   # the very data the run trained on
+  rows = switchboard.Switchboard(fv.run).resolve(pipeline.parse_refs(fv.forget))
+  builtin = identity.get("corpus") == "builtin"
+  os.makedirs(fv.workdir, exist_ok=True)
+  listing = os.path.join(os.path.abspath(fv.workdir), "forget.txt")
+  with open(listing, "w") as f:   # ids for the built-in corpus, keys for prepared corpora
+    f.write("\n".join(f"id:{r['id']}" if builtin else f"key:{r['key']}" for r in rows) + "\n")
+  cfg.data.exclude = ",".join(filter(None, [cfg.data.exclude, "@" + listing]))
+  print(f"oracle: training {fv.workdir} without {len(rows)} source(s) (listed in {listing})")
+  trainer.train(cfg, fv.workdir)
+
+
+SUITES = ("facts", "mia", "extraction", "relearn", "gcg", "capability")
+
+
+def _eval_flags(fv, argv):
+  run_flag(fv)
+  flags.DEFINE_string("suite", "facts", f"what to measure: one or more of {', '.join(SUITES)} "
+                      "(comma-separated), or all", flag_values=fv)
+  flags.DEFINE_string("facts", None, "probe facts (facts.jsonl from 'sinkformer data "
+                      "encyclopedia' or 'sinkformer data probes'): the facts suite, and the "
+                      "relearning attack's Truth Ratio curve", flag_values=fv)
+  flags.DEFINE_string("clozes", None, "capability: questions-words JSONL (default: the "
+                      "fetched one)", flag_values=fv)
+  flags.DEFINE_string("forget", None, "the forget set: 'a,b' or @FILE (every suite but "
+                      "capability)", flag_values=fv)
+  flags.DEFINE_string("oracle", None, "the retrain oracle run ('sinkformer oracle')",
+                      flag_values=fv)
+  flags.DEFINE_string("dense", None, "the dense control run, if any", flag_values=fv)
+  flags.DEFINE_multi_string("posthoc", [], "NAME=RUN: a post-hoc unlearned run to compare "
+                            "('sinkformer posthoc'); repeatable", flag_values=fv)
+  flags.DEFINE_multi_string("set", [], "override the run's eval config, e.g. relearn.steps=20, "
+                            "relearn.mask=sink-on, gcg.steps=100; repeatable", flag_values=fv)
+  flags.DEFINE_string("out", None, "where results go (default RUN/eval)", flag_values=fv)
+
+
+def _eval(fv):
+  import os
+  from sinkformer.data import fetch, pipeline
+  from sinkformer.eval import attacks, capability, evaluate
+  names = list(SUITES) if fv.suite == "all" else fv.suite.split(",")
+  unknown = [n for n in names if n not in SUITES]
+  if unknown:
+    raise UserError(f"--suite {','.join(unknown)}: expected {', '.join(SUITES)} or all")
+  others = {"dense": fv.dense} if fv.dense else {}
+  for item in fv.posthoc:
+    name, eq, path = item.partition("=")
+    if not eq:
+      raise UserError(f"--posthoc {item!r}: use NAME=RUN_DIR")
+    others[name] = path
+  ctx = evaluate.Context(fv.run, pipeline.parse_refs(fv.forget), fv.oracle, others,
+                         fv.out or os.path.join(fv.run, "eval"),
+                         evaluate.settings(fv.run, fv.set), fv.facts,
+                         fv.clozes or fetch.corpus_path("questions-words"))
+  run = {"facts": evaluate.facts_suite, "mia": evaluate.mia_suite,
+         "extraction": evaluate.extraction_suite, "relearn": attacks.relearn_suite,
+         "gcg": attacks.gcg_suite, "capability": capability.capability_suite}
+  for name in names:
+    print(f"=== {name} ===", flush=True)
+    run[name](ctx)
+  print(f"all results on one page: {os.path.join(ctx.out, 'index.md')}")
+
+
+def _posthoc_flags(fv, argv):
+  run_flag(fv)
+  flags.DEFINE_string("forget", None, "sources to unlearn: 'a,b' or @FILE", flag_values=fv)
+  flags.DEFINE_enum("method", "npo", ["ga", "graddiff", "npo"], "post-hoc method",
+                    flag_values=fv)
+  flags.DEFINE_integer("steps", 10, "optimizer steps (batches of the forget set, cycling)",
+                       flag_values=fv)
+  flags.DEFINE_integer("epochs", 0, "passes over the forget documents (replaces --steps)",
+                       flag_values=fv)
+  flags.DEFINE_float("lr", 1e-4, "learning rate", flag_values=fv)
+  flags.DEFINE_float("beta", 0.1, "NPO's beta", flag_values=fv)
+  flags.DEFINE_integer("retain", 64, "retain documents (graddiff, npo)", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "the unlearned copy (a run directory)", flag_values=fv)
+
+
+def _posthoc(fv):
+  from sinkformer.data import pipeline
+  from sinkformer.eval import posthoc
+  posthoc.unlearn(fv.run, pipeline.parse_refs(fv.forget), fv.method, fv.steps, fv.lr, fv.beta,
+                  fv.workdir, retain=fv.retain, epochs=fv.epochs)
+  print(f"{fv.method}: unlearned copy written to {fv.workdir}")
+
+
+COMMANDS = {
+    "oracle": ("train the retrain oracle of a run: same config, seed and order, minus the "
+               "forget set", _oracle_flags, _oracle, ("run", "forget", "workdir")),
+    "posthoc": ("post-hoc unlearning baselines (gradient ascent, GradDiff, NPO) on a run, "
+                "normally the dense control", _posthoc_flags, _posthoc,
+                ("run", "forget", "workdir")),
+    "eval": ("measure forgetting under every condition vs the retrain oracle and post-hoc "
+             "baselines: facts, membership inference, extraction, relearning, GCG, "
+             "capability (JSON, markdown, plots, one page)", _eval_flags, _eval, ("run",)),
+}

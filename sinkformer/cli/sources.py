@@ -1,0 +1,142 @@
+"""Commands on a trained run's sources: unlearn, reactivate, list/show/search, capacity, generate."""
+
+from __future__ import annotations
+
+import json
+
+from absl import flags
+
+from sinkformer.cli.common import refs, run_flag
+
+
+def _unlearn_flags(fv, argv):
+  run_flag(fv)
+  flags.DEFINE_string("reason", None, "why (kept in the ledger)", flag_values=fv)
+  flags.DEFINE_string("who", None, "who asked (default: this user)", flag_values=fv)
+  flags.DEFINE_string("file", None, "a file of sources, one per line", flag_values=fv)
+  flags.DEFINE_boolean("all_matching", False, "take every source a reference names (a title "
+                       "several sources share, a bare name that is one source's id and "
+                       "another's title) instead of refusing it as ambiguous", flag_values=fv)
+
+
+def _unlearn(fv, args):
+  from sinkformer.serve import switchboard
+  board = switchboard.Switchboard(fv.run)
+  result = board.unlearn(refs(args, fv.file), fv.reason, fv.who, fv.all_matching)
+  board.close()
+  print(f"unlearned {len(result['changed'])} source(s)"
+        + (f" (request {result['request_id']})" if result["request_id"] else "")
+        + (f"; {len(result['unchanged'])} already unlearned" if result["unchanged"] else ""))
+
+
+def _reactivate(fv, args):
+  from sinkformer import engine
+  from sinkformer.serve import switchboard
+  cfg = engine.load_config(fv.run)
+  board = switchboard.Switchboard(fv.run)
+  result = board.reactivate(refs(args, fv.file), fv.reason, fv.who,
+                            allowed=cfg.unlearn.allow_reactivation, all_matching=fv.all_matching)
+  board.close()
+  print(f"reactivated {len(result['changed'])} source(s) (request {result['request_id']})")
+
+
+def _list_flags(fv, argv):
+  run_flag(fv)
+  flags.DEFINE_enum("status", None, ["active", "unlearned"], "only these", flag_values=fv)
+  flags.DEFINE_integer("offset", 0, "skip this many", flag_values=fv)
+  flags.DEFINE_integer("limit", 50, "show at most this many", flag_values=fv)
+
+
+def _print_rows(rows):
+  for r in rows:
+    print(f"{r['id']:>8}  {r['status']:9s}  {r['key']}  |  {r['title']}"
+          + (f"  [{r['group']}]" if r["group"] else ""))
+
+
+def _list(fv):
+  from sinkformer.serve import switchboard
+  board = switchboard.Switchboard(fv.run)
+  counts = board.counts()
+  print(", ".join(f"{n:,} {status}" for status, n in sorted(counts.items())))
+  _print_rows(board.page(fv.status, fv.offset, fv.limit))
+
+
+def _show_flags(fv, argv):
+  run_flag(fv)
+
+
+def _show(fv, args):
+  from sinkformer.serve import switchboard
+  board = switchboard.Switchboard(fv.run)
+  for row in board.resolve(args, all_matching=True):   # showing every candidate is safe
+    print(json.dumps(row))
+    for entry in board.ledger(row["id"]):
+      print(f"  {entry['at']}  {entry['action']}  request {entry['request_id']}  by "
+            f"{entry['who']}: {entry['why']}")
+
+
+def _search_flags(fv, argv):
+  run_flag(fv)
+  flags.DEFINE_integer("limit", 20, "show at most this many", flag_values=fv)
+
+
+def _search(fv, args):
+  from sinkformer.serve import switchboard
+  _print_rows(switchboard.Switchboard(fv.run).search(" ".join(args), fv.limit))
+
+
+def _capacity_flags(fv, argv):
+  run_flag(fv)
+  flags.DEFINE_list("counts", ["1", "10", "100", "1000", "10000"], "numbers of unlearned "
+                    "sources to evaluate", flag_values=fv)
+  flags.DEFINE_integer("sample", 512, "retained sources measured", flag_values=fv)
+
+
+def _capacity(fv):
+  from sinkformer.serve import serving
+  rows = serving.capacity(fv.run, [int(c) for c in fv.counts], fv.sample)
+  print("unlearned  expected lost  mean lost  p95 lost  max lost   (fraction of a retained "
+        "source's sinks that `exclude` zeroes)")
+  for r in rows:
+    print(f"{r['unlearned']:>9,}  {r['expected']:13.4f}  {r['mean']:9.4f}  {r['p95']:8.4f}  "
+          f"{r['max']:8.4f}" + ("   <- now" if r["now"] else ""))
+
+
+def _generate_flags(fv, argv):
+  run_flag(fv)
+  flags.DEFINE_multi_string("prompt", None, "prompt text (repeat for a batch)", flag_values=fv)
+  flags.DEFINE_string("mode", "route", "route | source:KEY | backbone | placebo", flag_values=fv)
+  flags.DEFINE_enum("policy", None, ["exclude", "route"], "override the run's unlearn.policy",
+                    flag_values=fv)
+  flags.DEFINE_integer("max_new", 32, "tokens to generate", flag_values=fv)
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy", flag_values=fv)
+  flags.DEFINE_integer("top_k", 0, "sample from the k best (0 = off)", flag_values=fv)
+  flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=fv)
+  flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)", flag_values=fv)
+
+
+def _generate(fv):
+  from sinkformer.serve import generate, serving
+  server = serving.Server(fv.run, fv.step, fv.policy)
+  sampling = generate.Sampling(fv.max_new, fv.temperature, fv.top_k, fv.top_p)
+  for out in server.generate(fv.prompt, fv.mode, sampling, fv.seed):
+    print(f"[{out['mode']} -> {out['source'] or 'no sinks'}, policy {out['policy']}] "
+          f"{out['prompt']} >> {out['text']}")
+
+
+COMMANDS = {
+    "unlearn": ("unlearn sources of a run now: no weight changes, ledgered, transactional",
+                _unlearn_flags, _unlearn, ("run", "reason"), "SOURCE..."),
+    "sources list": ("the run's sources and their status", _list_flags, _list, ("run",)),
+    "sources show": ("sources and their ledger", _show_flags, _show, ("run",), "SOURCE..."),
+    "sources search": ("sources whose title contains TEXT", _search_flags, _search, ("run",),
+                       "TEXT"),
+    "sources capacity": ("what the exclude policy costs retained sources, by number unlearned",
+                         _capacity_flags, _capacity, ("run",)),
+    "sources reactivate": ("turn unlearned sources back on (only if the run's config allows "
+                           "it); ledgered", _unlearn_flags, _reactivate, ("run", "reason"),
+                           "SOURCE..."),
+    "generate": ("generate from a run in a sink mode, never from an unlearned source",
+                 _generate_flags, _generate, ("run", "prompt")),
+}

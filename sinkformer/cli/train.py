@@ -1,0 +1,87 @@
+"""Commands that train: the whole story, one run, sizing a run, reading a checkpoint."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from sinkformer.config import define_config_flag
+
+
+def _train_flags(fv, argv):
+  define_config_flag(fv, argv)
+  flags.DEFINE_string("workdir", None, "run directory: config.json, metrics.jsonl, "
+                      "sources.jsonl, tb/ (TensorBoard)", flag_values=fv)
+  flags.DEFINE_string("coordinator", None, "multi-process: HOST:PORT of process 0 (auto on "
+                      "TPU VMs and SLURM)", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "multi-process: how many processes", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "multi-process: this process's index", flag_values=fv)
+
+
+def _train(fv):
+  from sinkformer.parallel import distributed
+  from sinkformer.train import trainer
+  distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id)
+  trainer.train(fv.config, fv.workdir)
+
+
+def _story_flags(fv, argv):
+  _train_flags(fv, argv)
+  flags.DEFINE_integer("people", 400, "articles in the generated encyclopedia", flag_values=fv)
+  flags.DEFINE_integer("forget", 20, "sources to unlearn", flag_values=fv)
+  flags.DEFINE_integer("steps", 10, "post-hoc and relearning steps", flag_values=fv)
+
+
+def _story(fv):
+  from sinkformer.eval import story
+  story.run(fv.config, fv.workdir, fv.people, fv.forget, posthoc_steps=fv.steps,
+            relearn_steps=fv.steps)
+
+
+def _checkpoint_info_flags(fv, argv):
+  flags.DEFINE_string("checkpoint", None, "a run's checkpoints/ directory (newest step) or "
+                      "checkpoints/STEP", flag_values=fv)
+
+
+def _checkpoint_info(fv):
+  import os
+  from sinkformer import checkpoint, engine
+  from sinkformer.model import transformer
+  run = engine.load_run(fv.checkpoint)
+  m, s, identity = run.cfg.model, run.cfg.sinks, run.identity
+  data = ("corpus builtin" if identity.get("corpus") == "builtin" else
+          "corpora " + "+".join(os.path.basename(c["path"]) for c in identity.get("corpora", []))
+          + f", tokenizer {str(identity.get('tokenizer_sha256'))[:16]}")
+  for key, value in {
+      "checkpoint": f"{fv.checkpoint.rstrip('/').removesuffix(f'/{run.step}')}/{run.step}",
+      "step": int(run.state["step"]),
+      "model": f"{m.kind}, {m.num_layers} layers, d_model {m.d_model}, heads "
+               f"{m.num_heads}/{m.num_kv_heads}x{m.head_dim}, vocab {m.vocab_size}",
+      "sinks": f"G {m.mlp_backbone} + P {s.num}, k {s.k} ({s.selection}"
+               f"{', per layer' if s.per_layer else ''}), seed {s.seed}",
+      "data": data, "parameters": transformer.count_params(run.params),
+      "hash": checkpoint.params_hash(run.params)}.items():
+    print(f"{key}: {value}")
+
+
+def _plan_flags(fv, argv):
+  define_config_flag(fv, argv)
+
+
+def _plan(fv):
+  from sinkformer.train import plan
+  plan.print_plan(plan.plan(fv.config))
+
+
+COMMANDS = {
+    "story": ("the whole experiment: encyclopedia, NULL, retrain oracle, dense control, "
+              "post-hoc baselines, unlearning, and every measurement side by side",
+              _story_flags, _story, ("config", "workdir")),
+    "train": ("train a NULL (or the dense control) from an experiment config",
+              _train_flags, _train, ("config", "workdir")),
+    "plan": ("parameters, FLOPs/token and per-device memory of a config's mesh, before "
+             "renting hardware (plus XLA's analysis when enough devices exist)",
+             _plan_flags, _plan, ("config",)),
+    "checkpoint info": ("step, config summary, parameter count and parameter hash of a "
+                        "checkpoint (restored on one CPU)", _checkpoint_info_flags,
+                        _checkpoint_info, ("checkpoint",)),
+}

@@ -1,0 +1,202 @@
+"""What every user of a model needs, and only that: a config built on a mesh (`Setup`), its
+train state, the forward pass under any sink mode, feeding host rows to the mesh, and
+`load_run` (a trained run from disk, on any devices).
+
+Training (train/trainer.py), serving, generation, GCG, post-hoc fine-tuning and
+`checkpoint info` all import this module; only `sinkformer train` imports the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from sinkformer import checkpoint, config as config_lib
+from sinkformer.errors import UserError
+from sinkformer.model import sinks, transformer
+from sinkformer.parallel import mesh as mesh_lib
+
+
+@dataclasses.dataclass(eq=False)   # hashed by identity: a static argument of jitted functions
+class Setup:
+  """Everything derived from a config that the step functions close over."""
+  cfg: object
+  mesh: jax.sharding.Mesh
+  dims: transformer.Dims
+  spec: sinks.SinkSpec | None   # None: the dense control
+  graphdef: object
+  state_shardings: dict         # {"step", "params", "opt"} -> NamedSharding trees
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+
+  @property
+  def max_docs(self) -> int:    # document slots per row; slot 0 is padding
+    return self.cfg.data.max_docs_per_row + 1
+
+  @property
+  def batch_sharding(self):
+    return mesh_lib.batch_sharding(self.mesh)
+
+
+def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with warmup-cosine and global-norm clipping; norms are not decayed."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, t.lr, t.warmup_steps, t.steps, end_value=t.lr * t.min_lr_ratio)
+  decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  tx = optax.chain(optax.clip_by_global_norm(t.clip_norm),
+                   optax.adamw(schedule, t.b1, t.b2, weight_decay=t.weight_decay, mask=decay))
+  return tx, schedule
+
+
+def build(cfg, devices=None) -> Setup:
+  devices = jax.devices() if devices is None else devices
+  shape = config_lib.validate(cfg, len(devices))
+  mesh = mesh_lib.make_mesh(shape, devices)
+  dims = transformer.Dims.from_config(cfg)
+  graphdef, abstract_params, axes = transformer.abstract(dims)
+  tx, schedule = make_optimizer(cfg.train)
+  return Setup(cfg, mesh, dims, sinks.SinkSpec.from_config(cfg), graphdef,
+               _state_shardings(tx, abstract_params, axes, mesh), schedule, tx)
+
+
+def _state_shardings(tx, abstract_params, axes, mesh) -> dict:
+  """Optimizer moments are laid out like their parameters; counters are replicated."""
+  params = mesh_lib.param_shardings(axes, mesh)
+  rep = mesh_lib.replicated(mesh)
+  opt = optax.tree_map_params(tx, lambda _, sharding: sharding,
+                              jax.eval_shape(tx.init, abstract_params), params,
+                              transform_non_params=lambda _: rep)
+  return {"step": rep, "params": params, "opt": opt}
+
+
+def _init(setup: Setup, seed: int) -> dict:
+  params = transformer.init(setup.dims, seed)
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": setup.tx.init(params)}
+
+
+def init_state(setup: Setup, seed: int) -> dict:
+  """The whole train state created directly in its shards (nothing on one device first)."""
+  return jax.jit(partial(_init, setup, seed), out_shardings=setup.state_shardings)()
+
+
+def abstract_state(setup: Setup) -> dict:
+  """Shapes, dtypes and shardings of the train state on this run's mesh (a restore target)."""
+  shapes = jax.eval_shape(partial(_init, setup, 0))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      shapes, setup.state_shardings)
+
+
+def logits_in_mode(setup: Setup, params, batch, mode: str = "train", exclude=None):
+  """The model's logits [B, T, V] on packed rows under an apply mode of sinks.MODES."""
+  gate = None
+  if setup.spec is not None and mode != "dense":
+    gate = sinks.make_gate(setup.spec, mode, segment_ids=batch["segment_ids"],
+                           source_ids=batch["source_ids"], row_sources=batch.get("row_sources"),
+                           exclude=exclude, max_docs=setup.max_docs)
+  return transformer.apply(setup.graphdef, params, batch, gate)
+
+
+def token_losses(setup: Setup, params, batch, mode: str = "train", exclude=None):
+  """(nll[B, T] masked to real targets, mask[B, T]) under an apply mode of sinks.MODES."""
+  logits = logits_in_mode(setup, params, batch, mode, exclude)
+  mask = batch["loss_mask"].astype(jnp.float32)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]) * mask
+  return nll, mask
+
+
+def process_rows(batch_size: int) -> tuple[int, int]:
+  """[start, stop) of the global batch's rows that this process feeds."""
+  share = batch_size // jax.process_count()
+  return jax.process_index() * share, (jax.process_index() + 1) * share
+
+
+def put_batch(setup: Setup, local: dict) -> dict:
+  """Host numpy (this process's rows) -> global jax.Arrays sharded over the mesh."""
+  n = jax.process_count()
+  return {k: jax.make_array_from_process_local_data(
+      setup.batch_sharding, v, (v.shape[0] * n,) + v.shape[1:]) for k, v in local.items()}
+
+
+def load_config(run_dir: str):
+  """A run's config.json over the base config: fields added since the run was made (the
+  `unlearn` and `eval` sections, execution choices) get their defaults."""
+  try:
+    with open(os.path.join(run_dir, "config.json")) as f:
+      raw = json.load(f)
+  except OSError:
+    raise UserError(f"{run_dir} is not a sinkformer run (no config.json)") from None
+  return ml_collections.ConfigDict(config_lib.merged(config_lib.base().to_dict(), raw))
+
+
+def trained_config(run_dir: str):
+  """(config, data identity) of a run, with data.corpus pinned to what it really trained on
+  (a fallback or a corpus prepared by the trainer)."""
+  cfg = load_config(run_dir)
+  ckpts, step = checkpoint.locate(os.path.join(run_dir, "checkpoints"))
+  identity = ckpts.meta(step).get("data", {"corpus": "builtin"})
+  ckpts.close()
+  if identity.get("corpus") == "builtin":
+    cfg.data.corpus = "builtin"
+  elif len(identity["corpora"]) == 1:
+    cfg.data.corpus = identity["corpora"][0]["path"]
+  return cfg, identity
+
+
+_SETUPS: dict[str, Setup] = {}
+
+
+def single_device_setup(cfg) -> Setup:
+  """One single-device Setup per architecture and optimizer config. Jitted functions take the
+  Setup as a static argument (hashed by identity), so runs that share one (a NULL and its
+  retrain oracle; the dense control and its post-hoc copies) share compiled code too."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.mesh.update(data=1, fsdp=1, tensor=1)
+  key = json.dumps([cfg.model.to_dict(), cfg.sinks.to_dict(), cfg.train.to_dict(),
+                    cfg.data.max_docs_per_row], sort_keys=True)
+  if key not in _SETUPS:
+    _SETUPS[key] = build(cfg, jax.devices()[:1])
+  return _SETUPS[key]
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run restored for use: its config, Setup, checkpoint step, state and metadata."""
+  dir: str | None   # None: restored from a bare checkpoint directory
+  cfg: object
+  setup: Setup
+  step: int
+  state: dict
+  meta: dict
+
+  @property
+  def params(self):
+    return self.state["params"]
+
+  @property
+  def identity(self) -> dict:
+    """What data the run trained on (tokenizer and catalog hashes, corpus paths)."""
+    return self.meta.get("data", {"corpus": "builtin"})
+
+
+def load_run(path: str, step: int | None = None, devices=None) -> Run:
+  """A run restored for use, onto `devices` (default: one device, whatever mesh it was
+  trained on). `path` is a run directory (its newest checkpoint, or `step`) or a
+  checkpoint directory `.../checkpoints[/STEP]` (config from the checkpoint's metadata)."""
+  is_run = os.path.exists(os.path.join(path, "config.json"))
+  where = os.path.join(path, "checkpoints") if is_run else path
+  ckpts, step = checkpoint.locate(os.path.join(where, str(step)) if step is not None else where)
+  try:
+    cfg = (load_config(path) if is_run else ml_collections.ConfigDict(
+        config_lib.merged(config_lib.base().to_dict(), ckpts.meta(step)["config"])))
+    setup = single_device_setup(cfg) if devices is None else build(cfg, devices)
+    state, meta = ckpts.restore(step, abstract_state(setup))
+  finally:
+    ckpts.close()
+  return Run(path if is_run else None, cfg, setup, step, state, meta)
