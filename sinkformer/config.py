@@ -17,12 +17,19 @@ RELEARN_MASKS = ("sink-off/exclude", "sink-off/route", "sink-on", "backbone")
 
 
 def base() -> ml_collections.ConfigDict:
-  """Every field, at the quickstart's values: experiments override what differs."""
+  """Every field, at the quickstart's values: experiments override what differs.
+
+  model.attention, model.remat and model.scan_layers say how the model runs, not what it is:
+  a checkpoint resumes under other values.
+  """
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = dict(kind="null", vocab_size=512, d_model=128, num_layers=4, num_heads=4,
                  num_kv_heads=2, head_dim=32, mlp_backbone=96, rope_base=1e4, norm_eps=1e-5,
-                 tie_embeddings=False, dtype="float32")
+                 tie_embeddings=False, dtype="float32",
+                 attention="auto",    # xla | pallas (GPU) | splash (TPU) | auto (model/attention.py)
+                 remat="none",        # none | full | dots (model/transformer.py REMAT)
+                 scan_layers=True)    # False: blocks unrolled (compiles in time ~ depth)
   c.sinks = dict(num=416, k=16, selection="exact", per_layer=False, seed=0,
                  backbone_rescale=False, attn_heads=0, attn_k=0)
   c.data = dict(corpus="builtin", fallback="", dir="", source_by="document",

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
 from sinkformer import checkpoint, config, engine
@@ -98,6 +100,46 @@ def test_a_checkpoint_from_another_architecture_is_refused(smoke_cfg, tmp_path):
     trainer.train(other, str(tmp_path))
   assert "sinks.k: checkpoint 8 != config 4" in str(e.value)
   assert "sinks.seed: checkpoint 0 != config 7" in str(e.value)
+  # Other shapes are refused before any array is read, and the checkpoint stays where it is.
+  wider = config.load("experiments/quickstart.py:smoke", ("--config.model.d_model=32",))
+  with pytest.raises(UserError, match="model.d_model: checkpoint 64 != config 32"):
+    trainer.train(wider, str(tmp_path))
+  assert checkpoint.locate(str(tmp_path / "checkpoints"))[1] == 3
+  # How the model runs is not what it is: another remat/attention/loop resumes.
+  smoke_cfg.model.update(remat="full", scan_layers=False)
+  smoke_cfg.train.steps = 4
+  trainer.train(smoke_cfg, str(tmp_path))
+  assert checkpoint.locate(str(tmp_path / "checkpoints"))[1] == 4
+
+
+def unrolled(tree, layers):
+  """`tree` in the layout of checkpoints written before the blocks were stacked."""
+  if isinstance(tree, dict):
+    return {k: {i: jax.tree.map(lambda a: a[i], v) for i in range(layers)} if k == "blocks"
+            else unrolled(v, layers) for k, v in tree.items()}
+  if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+    return type(tree)(*(unrolled(x, layers) for x in tree))
+  if isinstance(tree, (list, tuple)):
+    return type(tree)(unrolled(x, layers) for x in tree)
+  return tree
+
+
+def test_a_checkpoint_of_the_unrolled_layout_is_converted_on_restore(smoke_cfg, tmp_path):
+  setup = engine.build(smoke_cfg)
+  state = engine.init_state(setup, 0)
+  state["opt"] = jax.tree.map(lambda x: x + 0.5 if x.dtype == np.float32 else x,
+                              state["opt"])   # moments worth checking
+  (tmp_path / "config.json").write_text(smoke_cfg.to_json())
+  old = unrolled(state, smoke_cfg.model.num_layers)
+  assert set(old["params"]["blocks"]) == {0, 1}
+  ckpts = checkpoint.Checkpoints(str(tmp_path / "checkpoints"), every=1, keep=None)
+  ckpts.save(7, old, {"config": json.loads(smoke_cfg.to_json())}, force=True)
+  ckpts.wait()
+  ckpts.close()
+  run = engine.load_run(str(tmp_path))
+  assert jax.tree.structure(run.state) == jax.tree.structure(state)
+  for got, want in zip(jax.tree.leaves(run.state), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_checkpoint_info_reports_the_trained_parameters(smoke_cfg, tmp_path):

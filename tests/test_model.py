@@ -38,9 +38,14 @@ def grads_for(setup, params, batch, mode="train", **kw):
   return jax.grad(loss)(params)
 
 
+def layer_of(tree, layer):
+  """One layer's block parameters out of the stacked [L, ...] blocks."""
+  return jax.tree.map(lambda a: a[layer], tree["blocks"])
+
+
 def sink_unit_grads(grads, layer, G):
   """|grad| summed per sink unit over gate/up columns and down rows, each separately."""
-  mlp = grads["blocks"][layer]["mlp"]
+  mlp = layer_of(grads, layer)["mlp"]
   return {"gate": np.abs(mlp["gate"]["kernel"][:, G:]).sum(0),
           "up": np.abs(mlp["up"]["kernel"][:, G:]).sum(0),
           "down": np.abs(mlp["down"]["kernel"][G:, :]).sum(1)}
@@ -76,8 +81,9 @@ def test_attention_sink_heads_get_gradient_only_from_their_sources(smoke_cfg):
   on = np.asarray(sinks.make_gate(setup.spec, "source", segment_ids=jnp.ones((1, 1), jnp.int32),
                                   row_sources=[77]).attn[0, 0, 0])
   hd = smoke_cfg.model.head_dim
-  o = np.abs(grads["blocks"][0]["attn"]["o"]["kernel"]).reshape(4, hd, -1).sum((1, 2))
-  q = np.abs(grads["blocks"][0]["attn"]["q"]["kernel"]).reshape(-1, 4, hd).sum((0, 2))
+  attn = layer_of(grads, 0)["attn"]
+  o = np.abs(attn["o"]["kernel"]).reshape(4, hd, -1).sum((1, 2))
+  q = np.abs(attn["q"]["kernel"]).reshape(-1, 4, hd).sum((0, 2))
   for g in (o, q):
     assert (g[:2] > 0).all()                          # backbone heads
     assert (g[2:][on] > 0).all() and (g[2:][~on] == 0).all()
@@ -103,15 +109,14 @@ def perturb_sinks(params, G, units):
   rng = np.random.default_rng(1)
   cols = np.flatnonzero(units) + G
   new = jax.tree.map(lambda x: x, params)
-  for block in new["blocks"].values():
-    mlp = block["mlp"]
-    for name in ("gate", "up"):
-      k = np.array(mlp[name]["kernel"])
-      k[:, cols] = rng.normal(size=(k.shape[0], len(cols)))
-      mlp[name]["kernel"] = jnp.asarray(k)
-    k = np.array(mlp["down"]["kernel"])
-    k[cols, :] = rng.normal(size=(len(cols), k.shape[1]))
-    mlp["down"]["kernel"] = jnp.asarray(k)
+  mlp = new["blocks"]["mlp"]                  # kernels stacked over layers: [L, in, out]
+  for name in ("gate", "up"):
+    k = np.array(mlp[name]["kernel"])
+    k[:, :, cols] = rng.normal(size=k[:, :, cols].shape)
+    mlp[name]["kernel"] = jnp.asarray(k)
+  k = np.array(mlp["down"]["kernel"])
+  k[:, cols, :] = rng.normal(size=k[:, cols, :].shape)
+  mlp["down"]["kernel"] = jnp.asarray(k)
   return new
 
 
@@ -129,8 +134,7 @@ def test_mlp_off_mode_equals_a_model_without_mlps(smoke_cfg):
   setup, params = setup_and_params(smoke_cfg)
   batch = row([(3, list(range(3, 20)))])
   no_mlp = jax.tree.map(lambda x: x, params)
-  for block in no_mlp["blocks"].values():
-    block["mlp"]["down"]["kernel"] = jnp.zeros_like(block["mlp"]["down"]["kernel"])
+  no_mlp["blocks"]["mlp"]["down"]["kernel"] = jnp.zeros_like(params["blocks"]["mlp"]["down"]["kernel"])
   out = lambda p, mode: engine.token_losses(setup, p, batch, mode)[0]
   np.testing.assert_allclose(out(params, "mlp-off"), out(no_mlp, "train"), rtol=1e-6, atol=1e-6)
   assert not np.allclose(out(params, "mlp-off"), out(params, "backbone"))
@@ -139,11 +143,14 @@ def test_mlp_off_mode_equals_a_model_without_mlps(smoke_cfg):
 def test_backbone_rescale_scales_the_mlp_output(smoke_cfg):
   smoke_cfg.sinks.backbone_rescale = True
   setup, params = setup_and_params(smoke_cfg)
-  mlp = transformer.nnx.merge(setup.graphdef, params).blocks[0].mlp
+  blocks = transformer.nnx.merge(setup.graphdef, params).blocks
+  graphdef, stacked = transformer.nnx.split(blocks)
+  mlp = transformer.nnx.merge(graphdef, jax.tree.map(lambda a: a[0], stacked)).mlp
   x = jax.random.normal(jax.random.key(0), (1, 4, smoke_cfg.model.d_model))
   gate = sinks.make_gate(setup.spec, "backbone", segment_ids=jnp.ones((1, 4), jnp.int32))
   units = sinks.mlp_units(gate, 0, smoke_cfg.model.mlp_backbone)
   G, k = smoke_cfg.model.mlp_backbone, smoke_cfg.sinks.k
+  assert gate.backbone_scale == pytest.approx((G + k) / G)
   np.testing.assert_allclose(mlp(x, units, gate.backbone_scale), (G + k) / G * mlp(x, units),
                              rtol=1e-5, atol=1e-7)
 
@@ -186,9 +193,9 @@ def test_wiki_1b_builds_abstractly_with_about_a_billion_parameters():
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)   # nothing allocated
   n = transformer.count_params(params)
   assert 1.0e9 <= n <= 1.2e9, n
-  assert params["blocks"][0]["mlp"]["gate"]["kernel"].shape == (960, 8192)
-  assert params["blocks"][0]["attn"]["k"]["kernel"].shape == (960, 5 * 128)
-  assert axes["blocks"][0]["mlp"]["down"]["kernel"] == ("mlp", "embed")
+  assert params["blocks"]["mlp"]["gate"]["kernel"].shape == (32, 960, 8192)
+  assert params["blocks"]["attn"]["k"]["kernel"].shape == (32, 960, 5 * 128)
+  assert axes["blocks"]["mlp"]["down"]["kernel"] == ("layers", "mlp", "embed")
 
 
 def test_rope_positions_restart_per_document():

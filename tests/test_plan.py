@@ -22,11 +22,14 @@ def test_1b_plan_shards_the_state_over_its_mesh_without_devices():
   assert "JAX_NUM_CPU_DEVICES=8" in result["xla"]
 
 
-def test_quickstart_plan_includes_the_compiled_analysis():
-  result = plan.plan(config.load("experiments/quickstart.py"))
-  assert result["xla_flops_per_step_per_device"] == pytest.approx(result["flops_per_step"],
-                                                                   rel=0.25)
-  assert result["xla_memory_per_device"]["temp"] > 0
+def test_quickstart_plan_compiles_every_remat_policy_and_the_unrolled_layout():
+  result = plan.plan(config.load("experiments/quickstart.py"), unrolled=True)
+  assert result["unrolled"]["xla_flops_per_step_per_device"] == pytest.approx(
+      result["flops_per_step"], rel=0.25)
+  temp = {r: got["memory_per_device"]["temp"] for r, got in result["compiled"].items()}
+  assert temp["full"] < temp["dots"] < temp["none"]        # what each policy saves
+  extra = {r: got["recompute_flops_per_step"] for r, got in result["compiled"].items()}
+  assert extra["none"] == 0 < extra["dots"] < extra["full"]
 
 
 def test_plan_command_prints_a_summary():

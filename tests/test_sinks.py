@@ -107,12 +107,12 @@ def test_empty_exclusion_excludes_nothing():
 
 def test_backbone_mode_turns_off_every_sink_and_can_rescale():
   seg = jnp.ones((2, 5), jnp.int32)
-  for rescale, scale in ((False, 1.0), (True, (32 + 16) / 32)):
+  for rescale, scale in ((False, None), (True, (32 + 16) / 32)):
     spec = SPEC.__class__(**{**SPEC.__dict__, "backbone_rescale": rescale})
     gate = sinks.make_gate(spec, "backbone", segment_ids=seg)
     units = np.asarray(sinks.mlp_units(gate, 0, 32))
     assert units[..., :32].all() and not units[..., 32:].any()
-    assert float(gate.backbone_scale) == pytest.approx(scale)
+    assert gate.backbone_scale == (None if scale is None else pytest.approx(scale))
 
 
 def test_attention_pool_is_independent_of_the_mlp_pool():

@@ -177,7 +177,7 @@ def test_exclusion_is_an_argument_and_equals_deleting_the_units(fresh_run):
   G = server.setup.dims.mlp_backbone
   gone = np.concatenate([np.zeros(G, bool), expected[0]])
   deleted = jax.tree_util.tree_map_with_path(
-      lambda path, x: x.at[gone].set(0) if "down" in jax.tree_util.keystr(path) else x,
+      lambda path, x: x.at[:, gone].set(0) if "down" in jax.tree_util.keystr(path) else x,
       server.params)
   rows = {"tokens": jnp.asarray([prompts[0]]), "positions": jnp.arange(len(prompts[0]))[None],
           "segment_ids": jnp.ones((1, len(prompts[0])), jnp.int32)}

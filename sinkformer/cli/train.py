@@ -65,11 +65,13 @@ def _checkpoint_info(fv):
 
 def _plan_flags(fv, argv):
   define_config_flag(fv, argv)
+  flags.DEFINE_boolean("unrolled", False, "also compile the unrolled layout (blocks in a "
+                       "Python loop) and compare compile times", flag_values=fv)
 
 
 def _plan(fv):
   from sinkformer.train import plan
-  plan.print_plan(plan.plan(fv.config))
+  plan.print_plan(plan.plan(fv.config, fv.unrolled))
 
 
 COMMANDS = {

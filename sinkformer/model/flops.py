@@ -6,6 +6,11 @@ FLOPs/token = 6 * N_matmul + 6 * L * s * d_attn
   forward + backward, halved because attention is causal.
 MFU = tokens/s * FLOPs/token / (peak FLOP/s per device * devices). Peaks are the vendors'
 dense bf16 numbers; on CPU (no published peak) we measure a large matmul instead.
+
+Rematerialisation adds work that MFU does not count (`recompute_per_token`): `full` runs
+every block's forward pass again in the backward pass (2 * N_blocks + 2 * L * s * d_attn
+per token, attention causal-halved); `dots` keeps the projections' outputs and recomputes
+only the attention scores and weighted sums (2 * L * s * d_attn) and elementwise work.
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ def matmul_params(d) -> int:
 
 def flops_per_token(d, seq_len: int) -> float:
   return 6.0 * matmul_params(d) + 6.0 * d.num_layers * seq_len * d.num_heads * d.head_dim
+
+
+def recompute_per_token(d, seq_len: int, remat: str) -> float:
+  """FLOPs per token that rematerialisation policy `remat` adds to flops_per_token."""
+  attention = 2.0 * d.num_layers * seq_len * d.num_heads * d.head_dim
+  blocks = 2.0 * (matmul_params(d) - d.d_model * d.vocab_size)
+  return {"none": 0.0, "dots": attention, "full": blocks + attention}[remat]
 
 
 @functools.cache

@@ -3,11 +3,17 @@
 A NULL and its dense control share every shape; the only difference is the `Gate` passed at
 apply time (see sinks.py): it keeps only the MLP's SwiGLU activations in
 `[ones(G) | sinkmask(source)]` and, optionally, only the attention heads in a per-source head
-mask (zeroing the others). Rows are packed: attention is causal *and* block-diagonal over `segment_ids`, and
-`positions` restart at every document, so a document's logits do not depend on its neighbours.
+mask (zeroing the others). Rows are packed: attention is causal *and* block-diagonal over
+`segment_ids`, and `positions` restart at every document, so a document's logits do not
+depend on its neighbours.
 
-Every parameter carries logical axis names (`logical_axes` metadata) that mesh.py maps to
-device axes.
+The blocks are one stack: every block parameter has a leading `layers` axis, and the blocks
+run under `jax.lax.scan` (`scan_layers`), so compile time does not grow with depth; each
+block is rematerialised by the `remat` policy. The decoding KV cache `[L, B, S, Hkv, hd]`
+is carried through the scan and written in place, a token at a time.
+
+Every parameter carries logical axis names (`logical_axes` metadata) that parallel/mesh.py
+maps to device axes; activations are constrained at block boundaries the same way.
 """
 
 from __future__ import annotations
@@ -19,14 +25,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sinkformer.errors import ConfigError
+from sinkformer.model import attention as attention_lib
 from sinkformer.model import sinks
+from sinkformer.parallel import mesh as mesh_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# What a rematerialised block keeps for the backward pass; the rest is recomputed.
+REMAT = {
+    "none": None,                                                      # keep everything
+    "full": jax.checkpoint_policies.nothing_saveable,                  # keep the block input only
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projection outputs
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Dims:
-  """The model's static shape (hashable, so it can live in the graphdef)."""
+  """The model's static shape and how it runs (hashable, so it can live in the graphdef)."""
   vocab_size: int
   d_model: int
   num_layers: int
@@ -39,11 +54,21 @@ class Dims:
   norm_eps: float
   tie_embeddings: bool
   dtype: str          # compute dtype; parameters are always float32
+  attention: str = "xla"      # a resolved backend of attention.BACKENDS
+  remat: str = "none"         # a policy of REMAT
+  scan_layers: bool = True    # False: a Python loop over the same stacked parameters
 
   @classmethod
-  def from_config(cls, cfg) -> Dims:
-    fields = {f.name for f in dataclasses.fields(cls)} - {"num_sinks"}
-    return cls(num_sinks=cfg.sinks.num, **{f: cfg.model[f] for f in fields})
+  def from_config(cls, cfg, platform: str | None = None) -> Dims:
+    """`platform` resolves `model.attention` (default: this process's backend)."""
+    if cfg.model.remat not in REMAT:
+      raise ConfigError("model.remat", f"{cfg.model.remat!r} is not one of {', '.join(REMAT)}")
+    static = {"attention", "remat", "scan_layers"}
+    fields = {f.name for f in dataclasses.fields(cls)} - {"num_sinks"} - static
+    return cls(num_sinks=cfg.sinks.num, **{f: cfg.model[f] for f in fields},
+               attention=attention_lib.resolve(cfg.model.attention,
+                                               platform or jax.default_backend()),
+               remat=cfg.model.remat, scan_layers=cfg.model.scan_layers)
 
 
 def _linear(fan_in, fan_out, axes, m, rngs, std=0.02):
@@ -77,34 +102,36 @@ class Attention(nnx.Module):
     self.v = _linear(m.d_model, m.num_kv_heads * m.head_dim, ("embed", "kv_heads"), m, rngs)
     self.o = _linear(m.num_heads * m.head_dim, m.d_model, ("heads", "embed"), m, rngs, out_std)
 
-  def __call__(self, x, positions, segment_ids, heads_on=None, cache=None):
-    """cache: None (packed rows), or (k[B, S, Hkv, hd], v, Cache) for decoding: the new
-    tokens' keys/values are written at cache.index and queries attend to every valid slot
-    up to their own. Returns the output, and the updated (k, v) when decoding."""
+  def __call__(self, x, positions, segment_ids, heads_on=None, cache=None, layer=None):
+    """cache: None (packed rows), or the decoding Cache, whose layer `layer` gets the new
+    tokens' keys/values at cache.index; queries attend to every valid slot up to their own.
+    Returns the output, and the updated cache when decoding."""
     m, (b, t, _) = self.m, x.shape
     q = rope(self.q(x).reshape(b, t, m.num_heads, m.head_dim), positions, m.rope_base)
     k = rope(self.k(x).reshape(b, t, m.num_kv_heads, m.head_dim), positions, m.rope_base)
     v = self.v(x).reshape(b, t, m.num_kv_heads, m.head_dim)
     if cache is None:
-      causal = jnp.tril(jnp.ones((t, t), bool))
-      mask = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])   # pad sees pad
+      out = attention_lib.packed(q, k, v, segment_ids, m.attention)
     else:
-      k_all, v_all, c = cache
-      k = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, c.index, 0, 0))
-      v = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (0, c.index, 0, 0))
-      query = c.index + jnp.arange(t)[:, None]
-      key = jnp.arange(k.shape[1])[None, :]
+      at = (layer, 0, cache.index, 0, 0)
+      cache = cache._replace(k=jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),
+                             v=jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at))
+      k_all, v_all = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False)
+                      for c in (cache.k, cache.v))
+      query = cache.index + jnp.arange(t)[:, None]
+      key = jnp.arange(k_all.shape[1])[None, :]
       # a padding query sees itself only (its output is never used; no empty softmax)
-      mask = (c.valid[:, None, :] & (key <= query)) | (key == query)
-    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None])
+      out = attention_lib.reference(q, k_all, v_all,
+                                    (cache.valid[:, None, :] & (key <= query)) | (key == query))
     if heads_on is not None:
       out = jnp.where(heads_on[..., None], out, 0)
     out = self.o(out.reshape(b, t, m.num_heads * m.head_dim))
-    return out if cache is None else (out, (k, v))
+    return out if cache is None else (out, cache)
 
 
 class MLP(nnx.Module):
-  """SwiGLU of width I = G + P; only the units in `units_on[B, T, I]` pass, times `scale`."""
+  """SwiGLU of width I = G + P; a unit whose `units[B, T, I]` is 0 (a sink that is off)
+  passes nothing and gets no gradient; `scale` multiplies every unit's activation."""
 
   def __init__(self, m, rngs):
     width = m.mlp_backbone + m.num_sinks
@@ -113,10 +140,13 @@ class MLP(nnx.Module):
     self.up = _linear(m.d_model, width, ("embed", "mlp"), m, rngs)
     self.down = _linear(width, m.d_model, ("mlp", "embed"), m, rngs, out_std)
 
-  def __call__(self, x, units_on=None, scale=1.0):
-    h = jax.nn.silu(self.gate(x)) * self.up(x)
-    if units_on is not None:
-      h = jnp.where(units_on, h * jnp.asarray(scale, h.dtype), 0)
+  def __call__(self, x, units=None, scale=None):
+    g = self.gate(x)
+    if units is not None:   # silu(0) = 0: the unit is off (see sinks.mlp_units)
+      g = g * units
+    h = jax.nn.silu(g) * self.up(x)
+    if scale is not None:
+      h = h * jnp.asarray(scale, h.dtype)
     return self.down(h)
 
 
@@ -126,12 +156,22 @@ class Block(nnx.Module):
     self.attn_norm, self.attn = _norm(m, rngs), Attention(m, rngs)
     self.mlp_norm, self.mlp = _norm(m, rngs), MLP(m, rngs)
 
-  def __call__(self, x, positions, segment_ids, units_on, heads_on, scale, cache=None):
-    attn = self.attn(self.attn_norm(x), positions, segment_ids, heads_on, cache)
-    attn, kv = attn if cache is not None else (attn, None)
+  def __call__(self, x, positions, segment_ids, units, heads_on, scale, cache=None, layer=None):
+    attn = self.attn(self.attn_norm(x), positions, segment_ids, heads_on, cache, layer)
+    attn, cache = attn if cache is not None else (attn, None)
     x = x + attn
-    x = x + self.mlp(self.mlp_norm(x), units_on, scale)
-    return x if cache is None else (x, kv)
+    x = x + self.mlp(self.mlp_norm(x), units, scale)
+    x = mesh_lib.constrain(x, ("batch", "length", "act_embed"))
+    return x, cache
+
+
+def _blocks(m, rngs):
+  """One Block whose parameters are stacked over a leading `layers` axis."""
+  @nnx.split_rngs(splits=m.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs):
+    return Block(m, rngs)
+  return make(rngs)
 
 
 class Transformer(nnx.Module):
@@ -142,7 +182,7 @@ class Transformer(nnx.Module):
     self.embed = nnx.Embed(m.vocab_size, m.d_model, dtype=DTYPES[m.dtype],
                            embedding_init=nnx.initializers.normal(0.02),
                            embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs)
-    self.blocks = nnx.List([Block(m, rngs) for _ in range(m.num_layers)])
+    self.blocks = _blocks(m, rngs)
     self.final_norm = _norm(m, rngs)
     if not m.tie_embeddings:
       self.lm_head = _linear(m.d_model, m.vocab_size, ("embed", "vocab"), m, rngs)
@@ -154,7 +194,7 @@ class Transformer(nnx.Module):
     x = self.features(tokens, positions, segment_ids, gate, cache, embeds)
     x, cache = x if cache is not None else (x, None)
     logits = self.embed.attend(x) if self.m.tie_embeddings else self.lm_head(x)
-    logits = logits.astype(jnp.float32)
+    logits = mesh_lib.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
     return logits if cache is None else (logits, cache)
 
   def features(self, tokens, positions, segment_ids, gate=None, cache=None, embeds=None):
@@ -162,26 +202,40 @@ class Transformer(nnx.Module):
     embeddings)."""
     m = self.m
     x = self.embed(tokens) if embeds is None else embeds.astype(DTYPES[m.dtype])
-    # One unit mask per distinct mask layer (one in all, unless masks are per-layer).
-    units = heads = [None]
-    scale = 1.0 if gate is None else gate.backbone_scale
-    if gate is not None:
-      layers = range(gate.mlp.shape[0])
-      units = [sinks.mlp_units(gate, l, m.mlp_backbone) for l in layers]
-      heads = [sinks.head_units(gate, l, m.num_heads) for l in layers]
-    written = []
-    for layer, block in enumerate(self.blocks):
-      i = layer % len(units)
-      kv = None if cache is None else (cache.k[layer], cache.v[layer], cache)
-      x = block(x, positions, segment_ids, units[i], heads[i], scale, kv)
-      if cache is not None:
-        x, kv = x
-        written.append(kv)
+    x = mesh_lib.constrain(x, ("batch", "length", "act_embed"))
+    dtype, scale = DTYPES[m.dtype], None if gate is None else gate.backbone_scale
+    # Unit masks: built once when every layer shares the mask, else per layer inside the loop
+    # from that layer's per-document masks (never [L, B, T, I] at once).
+    shared = gate is not None and gate.mlp.shape[0] == 1
+    per_layer = gate if gate is not None and not shared else None
+    units, heads = ((sinks.mlp_units(gate, 0, m.mlp_backbone, dtype),
+                     sinks.head_units(gate, 0, m.num_heads)) if shared else (None, None))
+    graphdef, layers = nnx.split(self.blocks)
+
+    def body(carry, xs):
+      x, cache = carry
+      params, layer, masks = xs
+      u, h = units, heads
+      if masks is not None:
+        g = per_layer._replace(mlp=masks[0][None], attn=None if masks[1] is None else masks[1][None])
+        u, h = sinks.mlp_units(g, 0, m.mlp_backbone, dtype), sinks.head_units(g, 0, m.num_heads)
+      x, cache = nnx.merge(graphdef, params)(x, positions, segment_ids, u, h, scale, cache,
+                                             layer)
+      return (x, cache), None
+
+    if cache is None and REMAT[m.remat] is not None:
+      body = jax.checkpoint(body, policy=REMAT[m.remat], prevent_cse=not m.scan_layers)
+    masks = None if per_layer is None else (per_layer.mlp, per_layer.attn)
+    xs = (layers, jnp.arange(m.num_layers), masks)
+    if m.scan_layers:
+      (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
+    else:   # the same parameters and body, unrolled: the compile-time baseline
+      for layer in range(m.num_layers):
+        (x, cache), _ = body((x, cache), jax.tree.map(lambda a: a[layer], xs))
     x = self.final_norm(x)
     if cache is None:
       return x
-    k, v = (jnp.stack(parts) for parts in zip(*written))
-    return x, Cache(k, v, cache.valid, cache.index + tokens.shape[1])
+    return x, cache._replace(index=cache.index + tokens.shape[1])
 
 
 class Cache(NamedTuple):
@@ -213,11 +267,14 @@ def features(graphdef, params, batch, gate=None):
 
 
 def abstract(m):
-  """(graphdef, abstract params, logical axes) without allocating a single weight."""
+  """(graphdef, abstract params, logical axes) without allocating a single weight. Block
+  parameters get the leading `layers` axis."""
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(m, nnx.Rngs(0))))
-  axes = jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,
-                      is_leaf=lambda v: isinstance(v, nnx.Variable))
-  return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(axes)
+  axes = nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,
+                                       is_leaf=lambda v: isinstance(v, nnx.Variable)))
+  axes["blocks"] = jax.tree.map(lambda a: ("layers",) + a, axes["blocks"],
+                                is_leaf=lambda x: isinstance(x, tuple))
+  return graphdef, nnx.to_pure_dict(state), axes
 
 
 def init(m, seed: int):

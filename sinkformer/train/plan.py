@@ -3,13 +3,17 @@
 Parameter count, FLOPs per token (flops.py's formula), and per-device memory of parameters
 and optimizer state under the config's mesh, from the same sharding rules the trainer uses:
 nothing is allocated. When this process has as many devices as the mesh (simulate them with
-JAX_NUM_CPU_DEVICES=N), the train step is also compiled ahead of time on abstract inputs and
-XLA's own memory and cost analysis are printed.
+JAX_NUM_CPU_DEVICES=N), the train step is also compiled ahead of time on abstract inputs,
+once per rematerialisation policy: the compile time, XLA's memory analysis per device (what
+each policy saves) and the recomputation it costs (flops.recompute_per_token). With
+`unrolled`, the unrolled layout is compiled too, for its compile time and XLA's FLOP count
+(XLA counts a scanned loop's body once, so only the unrolled step checks the formula).
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import jax
 import numpy as np
@@ -40,14 +44,15 @@ def per_device_bytes(abstract_tree, shardings, shape: dict) -> int:
   return total
 
 
-def plan(cfg) -> dict:
+def plan(cfg, unrolled: bool = False) -> dict:
   devices = _mesh_size(cfg)
   shape = dict(zip(config_lib.MESH_AXES, config_lib.validate(cfg, devices)))
   dims = transformer.Dims.from_config(cfg)
   _, abstract_params, axes = transformer.abstract(dims)
   tokens = cfg.train.batch_size * cfg.data.seq_len
   flops_token = flops.flops_per_token(dims, cfg.data.seq_len)
-  out = {"mesh": shape, "parameters": transformer.count_params(abstract_params),
+  out = {"mesh": shape, "remat": cfg.model.remat,
+         "parameters": transformer.count_params(abstract_params),
          "flops_per_token": flops_token, "flops_per_step": flops_token * tokens,
          "tokens_per_step": tokens}
 
@@ -63,24 +68,40 @@ def plan(cfg) -> dict:
   out["optimizer_bytes_per_device"] = per_device_bytes(abstract_opt, opt_specs, shape)
 
   if jax.device_count() >= devices:
-    setup = engine.build(cfg, jax.devices()[:devices])
-    state = engine.abstract_state(setup)
-    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), np.int32,
-                                     sharding=setup.batch_sharding)
-             for k in ("tokens", "targets", "loss_mask", "source_ids", "segment_ids", "positions")}
-    compiled = trainer.compile_train_step(setup, state, batch)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    out["xla_flops_per_step_per_device"] = float(cost.get("flops", float("nan")))
-    mem = compiled.memory_analysis()
-    if mem is not None:
-      out["xla_memory_per_device"] = {
-          k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
-          ("argument", "output", "temp", "generated_code") if hasattr(mem, f"{k}_size_in_bytes")}
+    out["compiled"] = {remat: _compile(cfg, devices, remat, scan=True)
+                       for remat in transformer.REMAT}
+    for remat, got in out["compiled"].items():
+      got["recompute_flops_per_step"] = flops.recompute_per_token(dims, cfg.data.seq_len,
+                                                                  remat) * tokens
+    if unrolled:
+      out["unrolled"] = _compile(cfg, devices, cfg.model.remat, scan=False)
   else:
     out["xla"] = (f"skipped: the mesh needs {devices} devices and this process has "
                   f"{jax.device_count()}; set JAX_NUM_CPU_DEVICES={devices} to compile on CPU")
   return out
+
+
+def _compile(cfg, devices: int, remat: str, scan: bool) -> dict:
+  """AOT-compile the train step on abstract inputs: seconds, XLA FLOPs and memory per device."""
+  cfg = cfg.copy_and_resolve_references()
+  cfg.model.update(remat=remat, scan_layers=scan)
+  setup = engine.build(cfg, jax.devices()[:devices])
+  state = engine.abstract_state(setup)
+  batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), np.int32,
+                                   sharding=setup.batch_sharding)
+           for k in ("tokens", "targets", "loss_mask", "source_ids", "segment_ids", "positions")}
+  t0 = time.perf_counter()
+  compiled = trainer.compile_train_step(setup, state, batch)
+  got = {"compile_s": time.perf_counter() - t0}
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  got["xla_flops_per_step_per_device"] = float(cost.get("flops", float("nan")))
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    got["memory_per_device"] = {
+        k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
+        ("argument", "output", "temp", "generated_code") if hasattr(mem, f"{k}_size_in_bytes")}
+  return got
 
 
 class _Spec:
@@ -100,6 +121,17 @@ def print_plan(result: dict):
         f"{gib(result['optimizer_bytes_per_device'])} (float32; gradients and activations extra)")
   if "xla" in result:
     print(f"compiled analysis: {result['xla']}")
-  else:
-    print(f"compiled step, per device: {result['xla_flops_per_step_per_device']:.4g} FLOPs; "
-          + ", ".join(f"{k} {gib(v)}" for k, v in result.get("xla_memory_per_device", {}).items()))
+    return
+  print(f"compiled train step per rematerialisation policy (model.remat; this config: "
+        f"{result['remat']}), per device:")
+  for remat, got in result["compiled"].items():
+    mem = ", ".join(f"{k} {gib(v)}" for k, v in got.get("memory_per_device", {}).items())
+    extra = got["recompute_flops_per_step"] / result["flops_per_step"]
+    print(f"  {remat:5s} compiled in {got['compile_s']:6.1f} s; {mem}; recomputes "
+          f"+{100 * extra:.0f}% FLOPs")
+  if "unrolled" in result:
+    u, scanned = result["unrolled"], result["compiled"][result["remat"]]
+    print(f"unrolled layout ({result['remat']}): compiled in {u['compile_s']:.1f} s, "
+          f"{u['compile_s'] / scanned['compile_s']:.1f}x the scanned layers' "
+          f"{scanned['compile_s']:.1f} s; XLA counts {u['xla_flops_per_step_per_device']:.4g} "
+          "FLOPs per step per device")

@@ -30,17 +30,16 @@ from sinkformer.train import report
 
 def resume_or_init(setup: engine.Setup, ckpts: checkpoint.Checkpoints, data_identity: dict) -> dict:
   """The newest intact checkpoint's state if there is one, else a fresh state. A checkpoint
-  of another architecture, tokenizer or source catalog is refused."""
-  restored = ckpts.restore_latest(engine.abstract_state(setup))
-  if restored is None:
-    return engine.init_state(setup, setup.cfg.seed)
-  state, meta = restored
-  diffs = checkpoint.differences(meta["config"], json.loads(setup.cfg.to_json()))
-  diffs += checkpoint.data_differences(meta.get("data", {}), data_identity)
-  if diffs:
-    raise UserError(f"{ckpts.directory} was written by an incompatible config: "
-                    + "; ".join(diffs) + " (use another --workdir, or the original config)")
-  return state
+  of another architecture, tokenizer or source catalog is refused before anything is read."""
+  def check(meta):
+    diffs = checkpoint.differences(meta["config"], json.loads(setup.cfg.to_json()))
+    diffs += checkpoint.data_differences(meta.get("data", {}), data_identity)
+    if diffs:
+      raise UserError(f"{ckpts.directory} was written by an incompatible config: "
+                      + "; ".join(diffs) + " (use another --workdir, or the original config)")
+
+  restored = ckpts.restore_latest(engine.abstract_state(setup), check)
+  return engine.init_state(setup, setup.cfg.seed) if restored is None else restored[0]
 
 
 def _per_document(setup: engine.Setup, batch, values):
