@@ -1,7 +1,8 @@
 """The paper's 1B Wikipedia NULL (method.md section 1, reference geometry).
 
   sinkformer train --config experiments/wiki_1b.py:h100x8 --workdir /shared/runs/wiki_1b
-  sbatch --nodes=1 launch/slurm.sbatch experiments/wiki_1b.py:h100x8 /shared/runs/wiki_1b
+  sbatch --nodes=4 launch/slurm.sbatch experiments/wiki_1b.py:h100x8x4 /shared/runs/wiki_1b
+  sinkformer plan --config experiments/wiki_1b.py:v5p_128x2     # sizes before renting
 
 32 layers, d_model 960, 15 query / 5 KV heads of 128, I = 8192 = G 500 + P 7692, ~100 sinks
 per source (k/P = 1.3%), vocab 49152, context 1024, untied embeddings, rope base 1e5, bf16
@@ -11,14 +12,17 @@ compute, AdamW lr 5e-4. ~1.0B parameters. Presets pick the mesh for the hardware
 
 from sinkformer.config import apply_presets, base
 
+# Meshes follow practice: FSDP within a node/slice (NVLink, ICI), data parallel across them
+# (dcn_data: the data-centre network). Micro-batches (batch_size / grad_accum rows over the
+# data*fsdp devices) of 4 rows per device with remat "dots": see `sinkformer plan`.
 PRESETS = {
     "dense": {"model.kind": "dense"},
-    # Micro-batches of 4 (H100) / 2 (v5p) rows per device: `sinkformer plan` with
-    # JAX_NUM_CPU_DEVICES=8 puts a 4-row micro-batch at ~52 GiB of temporaries per device.
-    "h100x8": {"mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1,       # one 8xH100 node
-               "train.grad_accum": 16},
-    "v5p_128": {"mesh.data": 4, "mesh.fsdp": 16, "mesh.tensor": 1,     # 64 chips
-                "train.grad_accum": 4},
+    "h100x8": {"mesh.data": 1, "mesh.fsdp": 8, "train.grad_accum": 16},          # one 8-GPU node
+    "h100x8x4": {"mesh.data": 1, "mesh.fsdp": 8, "mesh.dcn_data": 4,             # four nodes
+                 "train.grad_accum": 4},
+    "v5p_128": {"mesh.data": 1, "mesh.fsdp": 64, "train.grad_accum": 2},         # one slice, 64 chips
+    "v5p_128x2": {"mesh.data": 1, "mesh.fsdp": 64, "mesh.dcn_data": 2,           # two slices
+                  "train.grad_accum": 1},
 }
 
 

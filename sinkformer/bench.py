@@ -172,7 +172,7 @@ def stream(cfg, rounds: int = 30, steps_per_round: int = 4) -> dict:
   def produce() -> float:
     first = next(step) * steps_per_round
     t0 = time.perf_counter()
-    for _ in pipeline.iterate(d.train, first, first + steps_per_round, 0, cfg.train.batch_size,
+    for _ in pipeline.iterate(d.train, first, first + steps_per_round,
                               threads=cfg.data.workers):
       pass
     return (time.perf_counter() - t0) / steps_per_round

@@ -50,7 +50,10 @@ def base() -> ml_collections.ConfigDict:
                 gcg=dict(targets=8, target_len=16, lengths=(2, 4, 8, 16), steps=20, top_k=32,
                          candidates=64, init="prefix"),
                 capability=dict(clozes=400, documents=256, bootstrap=1000))
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)   # axis sizes; -1: the rest of the devices
+  # Axis sizes within a slice/host (-1: the rest of its devices); dcn_* repeat an axis across
+  # slices (TPU) or hosts (GPU) over the data-centre network. Practice: FSDP within a slice,
+  # data parallel across slices.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1)
   return c
 
 
@@ -100,8 +103,23 @@ def apply_presets(c, arg: str | None, known: dict):
   return c
 
 
+def dcn_shape(mesh_cfg) -> tuple[int, ...]:
+  """How many slices (TPU) or processes (GPU hosts) each mesh axis spans: the data-centre
+  network part of the mesh (tensor parallelism never crosses it)."""
+  return (mesh_cfg.get("dcn_data", 1), mesh_cfg.get("dcn_fsdp", 1), 1)
+
+
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
-  """Axis sizes with at most one -1 inferred so that their product is `num_devices`."""
+  """Axis sizes of the whole mesh: the per-slice sizes (at most one -1, inferred so that
+  they fill a slice) times the dcn_* sizes."""
+  dcn = dcn_shape(mesh_cfg)
+  for axis, size in zip(("dcn_data", "dcn_fsdp"), dcn):
+    if not (isinstance(size, int) and size >= 1):
+      raise ConfigError(f"mesh.{axis}", f"size {size!r} must be a positive integer")
+  if num_devices % math.prod(dcn):
+    raise ConfigError("mesh", f"dcn_data*dcn_fsdp = {math.prod(dcn)} slices/processes do not "
+                      f"divide the {num_devices} available devices")
+  per_slice = num_devices // math.prod(dcn)
   sizes = [mesh_cfg[a] for a in MESH_AXES]
   for axis, size in zip(MESH_AXES, sizes):
     if size == 0 or size < -1:
@@ -110,14 +128,15 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
     raise ConfigError("mesh", "at most one axis may be -1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
-    if num_devices % known:
+    if per_slice % known:
       raise ConfigError("mesh", f"fixed axes ({known} devices) do not divide the "
-                        f"{num_devices} available devices")
-    sizes[sizes.index(-1)] = num_devices // known
-  if math.prod(sizes) != num_devices:
+                        f"{per_slice} devices of a slice")
+    sizes[sizes.index(-1)] = per_slice // known
+  if math.prod(sizes) != per_slice:
     raise ConfigError("mesh", f"{dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
-                      f"devices but {num_devices} are available")
-  return tuple(sizes)
+                      f"devices per slice but {per_slice} are available"
+                      + (f" ({num_devices} over {math.prod(dcn)} slices)" if math.prod(dcn) > 1 else ""))
+  return tuple(size * d for size, d in zip(sizes, dcn))
 
 
 def _require(ok: bool, field: str, message: str):

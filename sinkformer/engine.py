@@ -16,6 +16,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from sinkformer import checkpoint, config as config_lib
@@ -58,7 +59,7 @@ def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
 def build(cfg, devices=None) -> Setup:
   devices = jax.devices() if devices is None else devices
   shape = config_lib.validate(cfg, len(devices))
-  mesh = mesh_lib.make_mesh(shape, devices)
+  mesh = mesh_lib.make_mesh(shape, devices, config_lib.dcn_shape(cfg.mesh))
   dims = transformer.Dims.from_config(cfg)
   graphdef, abstract_params, axes = transformer.abstract(dims)
   tx, schedule = make_optimizer(cfg.train)
@@ -111,17 +112,25 @@ def token_losses(setup: Setup, params, batch, mode: str = "train", exclude=None)
   return nll, mask
 
 
-def process_rows(batch_size: int) -> tuple[int, int]:
-  """[start, stop) of the global batch's rows that this process feeds."""
-  share = batch_size // jax.process_count()
-  return jax.process_index() * share, (jax.process_index() + 1) * share
+def process_rows(setup: Setup) -> np.ndarray:
+  """The global batch's rows this process feeds: those its devices hold under the batch
+  sharding (with a hybrid mesh they need not be one contiguous block)."""
+  shape = (setup.cfg.train.batch_size, setup.cfg.data.seq_len)
+  held = setup.batch_sharding.addressable_devices_indices_map(shape).values()
+  return np.unique(np.concatenate([np.arange(shape[0])[index[0]] for index in held]))
 
 
-def put_batch(setup: Setup, local: dict) -> dict:
-  """Host numpy (this process's rows) -> global jax.Arrays sharded over the mesh."""
-  n = jax.process_count()
-  return {k: jax.make_array_from_process_local_data(
-      setup.batch_sharding, v, (v.shape[0] * n,) + v.shape[1:]) for k, v in local.items()}
+def put_batch(setup: Setup, local: dict, rows: np.ndarray | None = None) -> dict:
+  """Host numpy arrays of this process's `rows` (process_rows; default: the whole batch) ->
+  global jax.Arrays sharded over the mesh."""
+  rows = np.arange(setup.cfg.train.batch_size) if rows is None else rows
+  position = np.full(setup.cfg.train.batch_size, -1)
+  position[rows] = np.arange(len(rows))
+  def put(value):
+    shape = (setup.cfg.train.batch_size,) + value.shape[1:]
+    return jax.make_array_from_callback(
+        shape, setup.batch_sharding, lambda index: value[position[np.arange(shape[0])[index[0]]]])
+  return {k: put(v) for k, v in local.items()}
 
 
 def load_config(run_dir: str):

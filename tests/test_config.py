@@ -9,7 +9,7 @@ from sinkformer.errors import ConfigError, UserError
 
 EXPERIMENTS = sorted(pathlib.Path("experiments").glob("*.py"))
 # Presets that pick a mesh are validated against the device count they were written for.
-PRESET_DEVICES = {"h100x8": 8, "v5p_128": 64}
+PRESET_DEVICES = {"h100x8": 8, "h100x8x4": 32, "v5p_128": 64, "v5p_128x2": 128}
 
 
 def all_presets():
@@ -84,6 +84,29 @@ def test_mesh_infers_one_axis():
   cfg = config.load("experiments/quickstart.py")
   cfg.mesh.update(data=-1, fsdp=2, tensor=2)
   assert config.mesh_shape(cfg.mesh, 8) == (2, 2, 2)
+
+
+def test_a_hybrid_mesh_repeats_the_slice_mesh_across_slices():
+  cfg = config.load("experiments/quickstart.py")
+  cfg.mesh.update(data=-1, fsdp=2, tensor=1, dcn_data=4)       # 4 hosts of 8: fsdp within
+  assert config.mesh_shape(cfg.mesh, 32) == (16, 2, 1)
+  cfg.mesh.update(data=1, fsdp=-1, dcn_data=2, dcn_fsdp=2)
+  assert config.mesh_shape(cfg.mesh, 32) == (2, 16, 1)
+  cfg.mesh.update(dcn_data=3, dcn_fsdp=1)
+  with pytest.raises(ConfigError, match="3 slices/processes do not divide the 32"):
+    config.mesh_shape(cfg.mesh, 32)
+  cfg.mesh.update(data=4, fsdp=8, dcn_data=2)
+  with pytest.raises(ConfigError, match="needs 32 devices per slice but 16 are available"):
+    config.mesh_shape(cfg.mesh, 32)
+
+
+@pytest.mark.parametrize("preset", ["h100x8", "h100x8x4", "v5p_128", "v5p_128x2"])
+def test_every_1b_preset_fits_its_hardware(preset):
+  cfg = config.load(f"experiments/wiki_1b.py:{preset}")
+  devices = PRESET_DEVICES[preset]
+  shape = dict(zip(config.MESH_AXES, config.validate(cfg, devices)))
+  assert shape["fsdp"] == cfg.mesh.fsdp and shape["data"] == cfg.mesh.dcn_data   # FSDP in a slice
+  assert cfg.train.batch_size // cfg.train.grad_accum // devices == 4             # rows/device
 
 
 def test_eval_overrides_are_typed_like_the_field(tmp_path):

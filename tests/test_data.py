@@ -62,7 +62,7 @@ def test_batches_are_a_pure_function_of_the_step_and_slices_compose():
   a, b = make(), make()
   for step in (7, 0, 30, 7):   # 30 is a few epochs in; b is a fresh object (a resumed run)
     np.testing.assert_array_equal(a.batch(step)["tokens"], b.batch(step)["tokens"])
-  halves = [a.batch(5, 0, 2), a.batch(5, 2, 4)]
+  halves = [a.batch(5, np.arange(0, 2)), a.batch(5, np.arange(2, 4))]
   np.testing.assert_array_equal(np.concatenate([h["source_ids"] for h in halves]),
                                 a.batch(5)["source_ids"])
 
@@ -95,7 +95,7 @@ def test_grain_pipeline_matches_direct_batches_for_any_thread_count():
                                                               300), None, 32, 4, seed=0)], [1.0], 4)
   reference = make()
   for threads in (1, 4):   # fresh streams: threads race to plan the epochs (rows 20-63)
-    got = [b["tokens"] for b in pipeline.iterate(make(), 5, 16, 0, 4, threads=threads)]
+    got = [b["tokens"] for b in pipeline.iterate(make(), 5, 16, np.arange(4), threads=threads)]
     for step, tokens in zip(range(5, 16), got, strict=True):
       np.testing.assert_array_equal(tokens, reference.batch(step)["tokens"])
 

@@ -27,7 +27,8 @@ def run_single(workdir, devices):
 def launch(workdir, logs):
   return subprocess.run([sys.executable, "launch/local.py", "--processes", "2", "--devices", "4",
                          "--logs", str(logs), "--", "sinkformer", "train", *ARGS,
-                         "--config.train.checkpoint_every=2", "--workdir", str(workdir)],
+                         "--config.train.checkpoint_every=2", "--workdir", str(workdir),
+                         "--config.mesh.dcn_data=2"],   # a hybrid mesh: each process a slice
                         capture_output=True, text=True, timeout=600)
 
 

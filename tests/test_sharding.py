@@ -52,3 +52,81 @@ def test_meshes_agree_and_checkpoints_restore_onto_another_mesh(tmp_path):
     assert out[mesh] == pytest.approx(one, rel=1e-5), mesh
   assert out["moved"] == pytest.approx(out["2,2,2"][2:], rel=1e-5)   # steps 3 and 4 again
   assert out["moved_max_param_diff"] < 1e-5
+
+
+LAYOUT = r"""
+import json, re, sys
+import jax, jax.numpy as jnp, numpy as np
+from sinkformer import config, engine
+from sinkformer.data import pipeline
+from sinkformer.model import attention, transformer
+from sinkformer.parallel import mesh as mesh_lib
+from sinkformer.train import trainer
+
+out = {}
+for mesh in [(8, 1, 1), (1, 8, 1), (2, 2, 2)]:
+  cfg = config.load("experiments/quickstart.py:smoke", ("--config.model.num_kv_heads=2",))
+  cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+  setup = engine.build(cfg)
+  state = engine.init_state(setup, 0)
+  axes = transformer.abstract(setup.dims)[2]
+  want = jax.tree.map(lambda a: mesh_lib.spec(a), axes, is_leaf=lambda x: isinstance(x, tuple))
+  got = jax.tree.map(lambda a: a.sharding.spec, state["params"])
+  mu = state["opt"][1][0].mu
+  rows = engine.process_rows(setup)
+  batch = engine.put_batch(setup, pipeline.load(cfg, lambda *_: 0).train.batch(0, rows), rows)
+  hlo = trainer.compile_train_step(setup, state, batch).as_text()
+  name = ",".join(map(str, mesh))
+  # parameter-shaped all-gathers (whole stacks or one layer's slice): what FSDP implies
+  shapes = ({a.shape for a in jax.tree.leaves(state["params"])}
+            | {a.shape[1:] for a in jax.tree.leaves(state["params"]["blocks"])})
+  gathered = [tuple(int(d) for d in dims.split(",")) for dims in
+              re.findall(r"= \w+\[([\d,]+)\]\S* all-gather(?:-start)?\(", hlo)]
+  out[name] = {
+      "params_follow_rules": jax.tree.leaves(jax.tree.map(lambda a, b: a == b, got, want)),
+      "moments_follow_params": jax.tree.leaves(jax.tree.map(
+          lambda a, b: a.sharding.spec == b.sharding.spec, mu, state["params"])),
+      "split_params": sum(not a.sharding.is_fully_replicated
+                          for a in jax.tree.leaves(state["params"])),
+      "counters_replicated": all(a.sharding.spec == jax.sharding.PartitionSpec()
+                                 for a in (state["step"], state["opt"][1][0].count)),
+      "embed_spec": str(state["params"]["embed"]["embedding"].sharding.spec),
+      "batch_spec": str(batch["tokens"].sharding.spec),
+      "param_gathers": sum(g in shapes and len(g) >= 2 for g in gathered),
+      "collectives": {op: len(re.findall(rf" {op}(-start)?\(", hlo))
+                      for op in ("all-gather", "reduce-scatter", "all-reduce")}}
+
+# A fused kernel runs per shard (rows over data/fsdp, heads over tensor) and equals XLA.
+mesh = mesh_lib.make_mesh((2, 2, 2), jax.devices())
+key = jax.random.split(jax.random.key(0), 3)
+q = jax.random.normal(key[0], (4, 128, 4, 32))
+k, v = (jax.random.normal(x, (4, 128, 2, 32)) for x in key[1:])
+seg = jnp.asarray(np.repeat([[1] * 50 + [2] * 60 + [0] * 18], 4, 0), jnp.int32)
+with jax.set_mesh(mesh):
+  fused = jax.jit(lambda *a: attention.packed(*a, "splash"))(q, k, v, seg)
+out["sharded_kernel_max_diff"] = float(jnp.abs(fused - attention.packed(q, k, v, seg, "xla")).max())
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_parameters_moments_and_collectives_follow_the_sharding_rules():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"}
+  proc = subprocess.run([sys.executable, "-c", LAYOUT], env=env, capture_output=True, text=True,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  for mesh in ("8,1,1", "1,8,1", "2,2,2"):
+    got = out[mesh]
+    assert all(got["params_follow_rules"]) and all(got["moments_follow_params"]), mesh
+    assert got["counters_replicated"] and got["batch_spec"] == "P(('data', 'fsdp'),)"
+    assert got["collectives"]["all-reduce"] + got["collectives"]["reduce-scatter"] > 0   # grads
+  # Data parallel keeps whole parameters: nothing to gather. FSDP splits every matrix over
+  # d_model and gathers it before use; with tensor parallelism too, both axes split.
+  assert out["8,1,1"]["split_params"] == 0 and out["8,1,1"]["param_gathers"] == 0
+  fsdp = out["1,8,1"]
+  assert fsdp["split_params"] == 9            # every matrix: embeddings, q/k/v/o, gate/up/down
+  assert fsdp["param_gathers"] >= fsdp["split_params"]      # each gathered before use
+  assert fsdp["embed_spec"] == "P('tensor', 'fsdp')"
+  assert out["2,2,2"]["split_params"] == 9 and out["2,2,2"]["param_gathers"] > 0
+  assert out["sharded_kernel_max_diff"] < 1e-4

@@ -192,8 +192,9 @@ class Batches:
     slots = sorted(((j + 0.5) / q, c, j) for c, q in enumerate(quota) for j in range(q))
     self.slots = [(c, j) for _, c, j in slots]
 
-  def batch(self, step: int, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
-    slots = self.slots[start:self.batch_size if stop is None else stop]
+  def batch(self, step: int, rows=None) -> dict[str, np.ndarray]:
+    """Global batch `step`, or only its `rows` (a process's share; engine.process_rows)."""
+    slots = self.slots if rows is None else [self.slots[r] for r in rows]
     wanted: dict[int, list[int]] = {}
     for c, j in slots:
       wanted.setdefault(c, []).append(step * self.quota[c] + j)
@@ -206,10 +207,10 @@ class Batches:
     return self.streams[0].epochs(step * self.quota[0])
 
 
-def iterate(batches: Batches, first: int, last: int, start: int, stop: int, threads: int = 2):
-  """Grain pipeline over steps [first, last): each element is this process's slice of one
+def iterate(batches: Batches, first: int, last: int, rows=None, threads: int = 2):
+  """Grain pipeline over steps [first, last): each element is this process's `rows` of one
   global batch, built by `threads` threads ahead of the trainer."""
-  ds = grain.MapDataset.range(first, last).map(lambda step: batches.batch(step, start, stop))
+  ds = grain.MapDataset.range(first, last).map(lambda step: batches.batch(step, rows))
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                    prefetch_buffer_size=2 * threads)))
 

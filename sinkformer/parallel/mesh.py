@@ -8,11 +8,15 @@ config, never the model. Activations are pinned to the rules at block boundaries
 
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sinkformer.config import MESH_AXES
+from sinkformer.errors import ConfigError
 
 RULES = {
     # parameters
@@ -30,9 +34,26 @@ RULES = {
 }
 
 
-def make_mesh(shape: tuple[int, ...], devices=None) -> Mesh:
-  devices = np.asarray(devices if devices is not None else jax.devices()).reshape(shape)
-  return Mesh(devices, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+def make_mesh(shape: tuple[int, ...], devices=None, dcn: tuple[int, ...] = (1, 1, 1)) -> Mesh:
+  """The (data, fsdp, tensor) mesh of `shape` over `devices`, laid out by the topology:
+  neighbouring mesh positions are neighbouring chips (mesh_utils), and with `dcn` > 1 an
+  axis is split into slices (TPU multi-slice) or processes (GPU hosts), the slow network
+  outermost. A subset of the devices (tests, benchmarks) is laid out in order."""
+  devices = list(jax.devices() if devices is None else devices)
+  ici = tuple(size // d for size, d in zip(shape, dcn))
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  granules = slices if slices > 1 else len({d.process_index for d in devices})
+  if math.prod(dcn) > 1 and granules == math.prod(dcn):   # TPU slices, or GPU hosts
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                process_is_granule=slices == 1)
+  elif math.prod(dcn) > 1 and devices[0].platform != "cpu":
+    raise ConfigError("mesh.dcn_data", f"dcn_data*dcn_fsdp = {math.prod(dcn)} slices/hosts, but "
+                      f"the devices span {granules}")
+  elif len(devices) == jax.device_count() and devices[0].platform != "cpu":
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  else:   # simulated CPU devices or a subset (tests, plan, benchmarks): in order
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def spec(logical_axes) -> PartitionSpec:

@@ -27,7 +27,9 @@ from sinkformer.train import trainer
 
 def _mesh_size(cfg) -> int:
   sizes = [cfg.mesh[a] for a in config_lib.MESH_AXES]
-  return math.prod(sizes) if -1 not in sizes else jax.device_count()
+  if -1 in sizes:
+    return jax.device_count()
+  return math.prod(sizes) * math.prod(config_lib.dcn_shape(cfg.mesh))
 
 
 def per_device_bytes(abstract_tree, shardings, shape: dict) -> int:
@@ -51,7 +53,8 @@ def plan(cfg, unrolled: bool = False) -> dict:
   _, abstract_params, axes = transformer.abstract(dims)
   tokens = cfg.train.batch_size * cfg.data.seq_len
   flops_token = flops.flops_per_token(dims, cfg.data.seq_len)
-  out = {"mesh": shape, "remat": cfg.model.remat,
+  out = {"mesh": shape, "dcn": dict(zip(config_lib.MESH_AXES, config_lib.dcn_shape(cfg.mesh))),
+         "remat": cfg.model.remat,
          "parameters": transformer.count_params(abstract_params),
          "flops_per_token": flops_token, "flops_per_step": flops_token * tokens,
          "tokens_per_step": tokens}
@@ -113,7 +116,8 @@ class _Spec:
 
 def print_plan(result: dict):
   gib = lambda b: f"{b / 2**30:.2f} GiB"
-  print(f"mesh: {result['mesh']}")
+  dcn = {k: v for k, v in result["dcn"].items() if v > 1}
+  print(f"mesh: {result['mesh']}" + (f", of which across slices/hosts {dcn}" if dcn else ""))
   print(f"parameters: {result['parameters']:,} ({result['parameters'] / 1e9:.3f} B)")
   print(f"FLOPs/token: {result['flops_per_token']:.4g} (6N + 6·L·s·d_attn); "
         f"per step: {result['flops_per_step']:.4g} for {result['tokens_per_step']:,} tokens")

@@ -102,14 +102,16 @@ def compile_train_step(setup: engine.Setup, state, example_batch):
   batch_sh = {k: setup.batch_sharding for k in example_batch}
   step = jax.jit(partial(train_step, setup), in_shardings=(state_sh, batch_sh),
                  out_shardings=(state_sh, mesh_lib.replicated(setup.mesh)), donate_argnums=0)
-  return step.lower(state, example_batch).compile()
+  with jax.set_mesh(setup.mesh):   # activation constraints and kernels see the mesh
+    return step.lower(state, example_batch).compile()
 
 
 def compile_eval_step(setup: engine.Setup, params, example_batch):
   batch_sh = {k: setup.batch_sharding for k in example_batch}
   step = jax.jit(partial(eval_step, setup), in_shardings=(setup.state_shardings["params"], batch_sh),
                  out_shardings=mesh_lib.replicated(setup.mesh))
-  return step.lower(params, example_batch).compile()
+  with jax.set_mesh(setup.mesh):
+    return step.lower(params, example_batch).compile()
 
 
 def _aggregate_sources(docs: list[dict]):
@@ -126,11 +128,11 @@ def _evaluate(setup: engine.Setup, eval_fn, params, splits: dict) -> dict:
   """Mean loss per split and mode: e.g. seen_loss, seen_backbone_loss, unseen_loss, ...
   Split s is evaluated on the first eval_batches batches of its stream's epoch 0."""
   t = setup.cfg.train
-  start, stop = engine.process_rows(t.batch_size)
+  rows = engine.process_rows(setup)
   out = {}
   for split, stream in splits.items():
     sums = [jax.device_get(eval_fn(params, engine.put_batch(
-                setup, stream.rows(b * t.batch_size + np.arange(start, stop)))))
+                setup, stream.rows(b * t.batch_size + rows), rows)))
             for b in range(t.eval_batches)]
     n = sum(s["tokens"] for s in sums)
     out.update({f"{split}_{name}": float(sum(s[name] for s in sums) / n)
@@ -152,7 +154,7 @@ def train(cfg, workdir: str, devices=None):
   t, d = cfg.train, cfg.data
   say = lambda text: jax.process_index() == 0 and print(text, flush=True)
   data = pipeline.load(cfg, say)
-  rows = engine.process_rows(t.batch_size)
+  rows = engine.process_rows(setup)
 
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -173,7 +175,7 @@ def train(cfg, workdir: str, devices=None):
   reporter.line(f"{cfg.model.kind} model: {n_params / 1e6:.2f}M params, mesh "
                 f"{dict(setup.mesh.shape)}, {flops_token / 1e6:.1f} MFLOP/token, peak "
                 f"{peak / 1e9:.0f} GFLOP/s ({peak_src})")
-  example = engine.put_batch(setup, data.train.batch(0, *rows))
+  example = engine.put_batch(setup, data.train.batch(0, rows), rows)
   train_fn = compile_train_step(setup, state, example)
   eval_fn = compile_eval_step(setup, state["params"], example) if t.eval_every else None
 
@@ -184,11 +186,11 @@ def train(cfg, workdir: str, devices=None):
   meta = {"config": json.loads(cfg.to_json()), "data": data.identity,
           "layout": {"mesh": dict(setup.mesh.shape), "processes": jax.process_count()}}
   tokens_per_step = t.batch_size * d.seq_len
-  batches = pipeline.iterate(data.train, first, t.steps, *rows, threads=d.workers)
+  batches = pipeline.iterate(data.train, first, t.steps, rows, threads=d.workers)
   start = last = time.perf_counter()
   for step in range(first, t.steps):
     t0 = time.perf_counter()
-    batch = engine.put_batch(setup, next(batches))
+    batch = engine.put_batch(setup, next(batches), rows)
     data_time += time.perf_counter() - t0
     state, metrics = train_fn(state, batch)
     pending.append(metrics)
