@@ -13,6 +13,14 @@ catalog lookup latency, time to the first batch.
 `sinks`: the NULL's train step against the dense control's (same shapes, same parameter
 count) in one process, alternating, so machine noise hits both alike; prints the median
 per-round ratio and a JSON line.
+
+`mfu`: compile seconds, first step (autotuning included), step time, tokens/s and MFU of the
+NULL and the dense control on synthetic packed rows of the config's shape (no corpus
+needed: the 1B model on a bare accelerator).
+
+`memory`: per rematerialisation policy, the step's memory per device from XLA's analysis at
+two micro-batch sizes, the cost of one more row, and the largest micro-batch this device
+holds.
 """
 
 from __future__ import annotations
@@ -349,4 +357,121 @@ def probes(run_dir: str, facts_path: str, count: int = 1000) -> dict:
   return result
 
 
-BENCHES = {"sinks": sinks, "checkpoint": checkpoints, "stream": stream, "devices": devices}
+def synthetic_batch(cfg, seed: int = 0) -> dict[str, np.ndarray]:
+  """A global batch of the config's shape: random tokens packed as documents of random
+  length (mean a third of a row, at most data.max_docs_per_row per row), each its own
+  random source, the rest of a row padding."""
+  rng = np.random.default_rng(seed)
+  d = cfg.data
+  rows = []
+  for _ in range(cfg.train.batch_size):
+    row, room = [], d.seq_len - int(rng.integers(0, d.seq_len // 8))
+    while room > 1 and len(row) < d.max_docs_per_row:
+      n = int(min(room, max(2, rng.geometric(3 / d.seq_len))))
+      row.append((rng.integers(4, cfg.model.vocab_size, n), int(rng.integers(1, 2**31 - 1))))
+      room -= n
+    rows.append(row)
+  return pipeline.assemble(rows, d.seq_len)
+
+
+def _kinds(cfg) -> dict:
+  """The config as the NULL and as its dense control."""
+  out = {}
+  for kind in ("null", "dense"):
+    c = cfg.copy_and_resolve_references()
+    c.model.kind = kind
+    out[kind] = c
+  return out
+
+
+def mfu(cfg, rounds: int = 10, steps_per_round: int = 3) -> dict:
+  tokens = cfg.train.batch_size * cfg.data.seq_len
+  peak, peak_src = flops.device_peak(cfg.model.dtype)
+  result = {"bench": "mfu", "layers": cfg.model.num_layers, "rows": cfg.train.batch_size,
+            "grad_accum": cfg.train.grad_accum, "seq_len": cfg.data.seq_len,
+            "remat": cfg.model.remat, "peak_flops": peak, "peak_source": peak_src}
+  runs = {}
+  for kind, c in _kinds(cfg).items():
+    setup = engine.build(c)
+    result["attention"] = setup.dims.attention
+    state = engine.init_state(setup, c.seed)
+    batch = engine.put_batch(setup, synthetic_batch(c))
+    t0 = time.perf_counter()
+    step = trainer.compile_train_step(setup, state, batch)
+    result[f"{kind}_compile_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    result[f"{kind}_first_step_s"] = time.perf_counter() - t0
+    holder = {"state": state}
+
+    def run(steps: int = 1, step=step, holder=holder, batch=batch) -> float:
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        holder["state"], metrics = step(holder["state"], batch)
+      jax.block_until_ready(metrics)
+      return (time.perf_counter() - t0) / steps
+    runs[kind] = run
+    flops_token = flops.flops_per_token(setup.dims, c.data.seq_len)
+    devices = setup.mesh.size
+  times = _alternate(runs, rounds, steps_per_round, warmup=1)
+  for kind in runs:
+    step_s = float(np.median(times[kind]))
+    result.update({f"{kind}_step_s": step_s, f"{kind}_tokens_per_s": tokens / step_s,
+                   f"{kind}_mfu": flops.mfu(tokens / step_s, flops_token, peak, devices)})
+  result.update(_spread(np.array(times["null"]) / np.array(times["dense"])))
+  print(f"{cfg.model.num_layers} layers, {cfg.train.batch_size} rows x {cfg.data.seq_len} "
+        f"tokens per step (grad_accum {cfg.train.grad_accum}), remat {cfg.model.remat}, "
+        f"attention {result['attention']}; peak {peak / 1e12:.3g} TFLOP/s ({peak_src})")
+  for kind in runs:
+    print(f"  {kind:5s} compile {result[f'{kind}_compile_s']:6.1f} s, first step "
+          f"{result[f'{kind}_first_step_s']:6.1f} s, step {1e3 * result[f'{kind}_step_s']:8.1f} "
+          f"ms, {result[f'{kind}_tokens_per_s']:10,.0f} tok/s, MFU {100 * result[f'{kind}_mfu']:.1f}%")
+  print(f"  NULL / dense step time: {result['ratio']:.3f} (p10 {result['ratio_p10']:.3f}, "
+        f"p90 {result['ratio_p90']:.3f})")
+  print(json.dumps(result))
+  return result
+
+
+def memory(cfg, rows=(1, 2)) -> dict:
+  """Per remat policy: XLA's bytes per device for the train step at micro-batches of `rows`
+  rows per device, the fixed part and the cost of a row (a linear fit; with one size, the
+  temporaries are taken as all per-row), and the largest micro-batch that fits this
+  device's memory (when the runtime reports it)."""
+  limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  result = {"bench": "memory", "layers": cfg.model.num_layers, "device_bytes": limit,
+            "policies": {}}
+  for remat in transformer.REMAT:
+    used = []
+    for r in rows:
+      c = cfg.copy_and_resolve_references()
+      c.model.remat = remat
+      replicas = engine.build(c).mesh.shape
+      c.train.update(batch_size=r * replicas["data"] * replicas["fsdp"], grad_accum=1)
+      setup = engine.build(c)
+      batch = {k: jax.ShapeDtypeStruct((c.train.batch_size, c.data.seq_len), np.int32,
+                                       sharding=setup.batch_sharding) for k in pipeline.FIELDS}
+      mem = trainer.compile_train_step(setup, engine.abstract_state(setup), batch).memory_analysis()
+      used.append({k: getattr(mem, f"{k}_size_in_bytes") for k in ("argument", "output", "temp")})
+    if len(rows) > 1:
+      total = [sum(u.values()) for u in used]
+      per_row = (total[-1] - total[0]) / (rows[-1] - rows[0])
+      fixed = total[0] - per_row * rows[0]
+    else:
+      per_row, fixed = used[0]["temp"] / rows[0], used[0]["argument"] + used[0]["output"]
+    fits = int((limit - fixed) // per_row) if limit and per_row > 0 else None
+    result["policies"][remat] = {"fixed_bytes": fixed, "row_bytes": per_row,
+                                 "largest_rows_per_device": fits}
+  print(f"{cfg.model.num_layers} layers, {cfg.data.seq_len} tokens per row; device memory "
+        + (f"{limit / 2**30:.1f} GiB" if limit else "not reported by this runtime"))
+  for remat, got in result["policies"].items():
+    print(f"  remat {remat:5s}: fixed {got['fixed_bytes'] / 2**30:6.2f} GiB + "
+          f"{got['row_bytes'] / 2**30:6.2f} GiB per row per device"
+          + (f"; largest micro-batch {got['largest_rows_per_device']} rows per device"
+             if got["largest_rows_per_device"] is not None else ""))
+  print(json.dumps(result))
+  return result
+
+
+BENCHES = {"sinks": sinks, "checkpoint": checkpoints, "stream": stream, "devices": devices,
+           "mfu": mfu}

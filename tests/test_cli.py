@@ -68,6 +68,34 @@ def test_bench_sinks_prints_a_json_ratio():
   assert result["params"]["null"] == result["params"]["dense"]
 
 
+def test_bench_mfu_and_memory_print_their_figures():
+  out = cli("bench", "mfu", "--config", "experiments/quickstart.py:smoke", "--rounds", "2")
+  assert out.returncode == 0, out.stderr
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  assert r["bench"] == "mfu" and r["rows"] * r["seq_len"] == 8 * 128
+  for kind in ("null", "dense"):
+    assert r[f"{kind}_tokens_per_s"] == pytest.approx(8 * 128 / r[f"{kind}_step_s"])
+    assert r[f"{kind}_compile_s"] > 0 and 0 < r[f"{kind}_mfu"] < 1
+  out = cli("bench", "memory", "--config", "experiments/quickstart.py:smoke", "--rows", "1,3")
+  assert out.returncode == 0, out.stderr
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  assert set(r["policies"]) == {"none", "full", "dots"}
+  assert all(p["row_bytes"] > 0 and p["fixed_bytes"] > 0 for p in r["policies"].values())
+
+
+def test_synthetic_rows_are_packed_documents_of_random_sources():
+  from sinkformer import bench, config
+  cfg = config.load("experiments/quickstart.py:smoke")
+  b = bench.synthetic_batch(cfg)
+  assert b["tokens"].shape == (cfg.train.batch_size, cfg.data.seq_len)
+  for row in range(cfg.train.batch_size):
+    segs = b["segment_ids"][row]
+    docs = [s for s in np.unique(segs) if s]
+    assert 1 <= len(docs) <= cfg.data.max_docs_per_row
+    assert all(len(np.unique(b["source_ids"][row][segs == s])) == 1 for s in docs)
+    assert (b["loss_mask"][row][segs == 0] == 0).all()
+
+
 def test_bench_checkpoint_prints_its_figures():
   out = cli("bench", "checkpoint", "--config", "experiments/quickstart.py:smoke", "--rounds", "2")
   assert out.returncode == 0, out.stderr

@@ -19,6 +19,17 @@ def _bench(fv, name):
   bench.BENCHES[name](fv.config, rounds=fv.rounds)
 
 
+def _memory_flags(fv, argv):
+  define_config_flag(fv, argv)
+  flags.DEFINE_list("rows", ["1", "2"], "micro-batch rows per device to compile at (two or "
+                    "more: the fit is linear)", flag_values=fv)
+
+
+def _memory(fv):
+  from sinkformer import bench
+  bench.memory(fv.config, tuple(int(r) for r in fv.rows))
+
+
 def _scale_flags(fv, argv):
   flags.DEFINE_integer("docs", 6_000_000, "generated one-document sources", flag_values=fv)
   flags.DEFINE_string("dir", None, "working directory (the generated corpus is reused)",
@@ -87,6 +98,12 @@ COMMANDS = {
                     "lookups, first batch", _scale_flags, _scale, ("dir",)),
     "bench checkpoint": ("time an async checkpoint save against the train step",
                          _bench_flags, lambda fv: _bench(fv, "checkpoint"), ("config",)),
+    "bench mfu": ("compile seconds, first step, step time, tokens/s and MFU of the NULL and "
+                  "the dense control on synthetic rows of the config's shape (JSON line too)",
+                  _bench_flags, lambda fv: _bench(fv, "mfu"), ("config",)),
+    "bench memory": ("per remat policy: memory per device per micro-batch row (XLA's "
+                     "analysis) and the largest micro-batch this device holds",
+                     _memory_flags, _memory, ("config",)),
     "bench generate": ("generation tokens/s with the KV cache against without",
                        _bench_run_flags, _bench_generate, ("run",)),
     "bench route": ("routing top-1 accuracy: each surviving source's title routed back to it",
