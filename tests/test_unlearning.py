@@ -163,14 +163,15 @@ def test_exclusion_is_an_argument_and_equals_deleting_the_units(fresh_run):
   prompts = [server.encode(server.board.catalog.get(i)["title"]) for i in (10, 11)]
   s = generate.Sampling(max_new=6)
   before = generate.sample(server.setup, server.params, prompts, [10, 11], server.exclusion(), s)
-  compiled = generate._sample._cache_size()
+  compiled = lambda: (generate._prefill._cache_size(), generate._decode_chunk._cache_size())
+  before_compiles = compiled()
   server.board.unlearn(["person-1", "person-2", "person-3"], "test")
   server.refresh()
   ex = server.exclusion()
   expected = np.asarray(sinks.exclusion(server.setup.spec, [1, 2, 3]).mlp)
   np.testing.assert_array_equal(ex.mlp, expected)
   generate.sample(server.setup, server.params, prompts, [10, 11], ex, s)
-  assert generate._sample._cache_size() == compiled          # no recompilation
+  assert compiled() == before_compiles          # no recompilation
   assert before is not None
 
   # With `exclude`, serving equals a model whose excluded sink units were deleted.

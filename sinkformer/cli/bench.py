@@ -30,6 +30,23 @@ def _memory(fv):
   bench.memory(fv.config, tuple(int(r) for r in fv.rows))
 
 
+def _serve_flags(fv, argv):
+  run_flag(fv)
+  flags.DEFINE_list("clients", ["1", "8", "32"], "concurrent clients, one round each",
+                    flag_values=fv)
+  flags.DEFINE_integer("requests", 4, "completions per client per round", flag_values=fv)
+  flags.DEFINE_integer("unlearns", 3, "sources unlearned during each round", flag_values=fv)
+  flags.DEFINE_integer("max_tokens", 16, "new tokens per completion", flag_values=fv)
+
+
+def _serve(fv):
+  import json
+  from sinkformer.serve import load
+  result = load.run(fv.run, [int(c) for c in fv.clients], fv.requests, fv.unlearns,
+                    fv.max_tokens)
+  print(json.dumps({"bench": "serve", **result}))
+
+
 def _scale_flags(fv, argv):
   flags.DEFINE_integer("docs", 6_000_000, "generated one-document sources", flag_values=fv)
   flags.DEFINE_string("dir", None, "working directory (the generated corpus is reused)",
@@ -110,6 +127,9 @@ COMMANDS = {
                     lambda fv, argv: run_flag(fv), _bench_route, ("run",)),
     "bench probes": ("seconds to score N probe facts under one condition (batched)",
                      _bench_probes_flags, _bench_probes, ("run", "facts")),
+    "bench serve": ("load test of 'sinkformer serve' processes (batched and one at a time): "
+                    "latency, tokens/s, and no response from a source unlearned before it "
+                    "was asked", _serve_flags, _serve, ("run",)),
     "bench unlearn": ("unlearn latency, request to effect on the next generation",
                       _bench_unlearn_flags, _bench_unlearn, ("run",)),
 

@@ -1,4 +1,5 @@
-"""Commands on a trained run's sources: unlearn, reactivate, list/show/search, capacity, generate."""
+"""Commands on a trained run: unlearn, reactivate, list/show/search sources, capacity,
+generate, and serve it over HTTP."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from absl import flags
 
 from sinkformer.cli.common import refs, run_flag
+from sinkformer.errors import UserError
 
 
 def _unlearn_flags(fv, argv):
@@ -125,7 +127,48 @@ def _generate(fv):
           f"{out['prompt']} >> {out['text']}")
 
 
+def _serve_flags(fv, argv):
+  run_flag(fv)
+  flags.DEFINE_string("host", "127.0.0.1", "address to listen on", flag_values=fv)
+  flags.DEFINE_integer("port", 8000, "port to listen on", flag_values=fv)
+  flags.DEFINE_string("token_file", None, "file holding the bearer token that /v1/unlearn and "
+                      "/v1/reactivate require (or set SINKFORMER_ADMIN_TOKEN); without one "
+                      "those routes stay off", flag_values=fv)
+  flags.DEFINE_enum("policy", None, ["exclude", "route"], "override the run's unlearn.policy",
+                    flag_values=fv)
+  flags.DEFINE_integer("max_batch", 32, "prompts decoded together (1: one at a time)",
+                       flag_values=fv)
+  flags.DEFINE_float("window_ms", 5.0, "how long a request waits for others to batch with",
+                     flag_values=fv)
+  flags.DEFINE_integer("max_tokens", 256, "largest max_tokens a request may ask", flag_values=fv)
+  flags.DEFINE_integer("max_prompt_tokens", 512, "longest prompt, in tokens", flag_values=fv)
+  flags.DEFINE_integer("max_prompts", 16, "prompts per request", flag_values=fv)
+
+
+def _serve(fv):
+  import os
+  import uvicorn
+  from sinkformer.serve import http
+  token = os.environ.get("SINKFORMER_ADMIN_TOKEN")
+  if fv.token_file:
+    try:
+      with open(fv.token_file) as f:
+        token = f.read().strip()
+    except OSError as e:
+      raise UserError(f"--token_file {fv.token_file}: {e.strerror}") from None
+    if len(token) < 16:
+      raise UserError(f"--token_file {fv.token_file}: a token of at least 16 characters, please")
+  limits = http.Limits(fv.max_prompts, fv.max_prompt_tokens, fv.max_tokens, fv.max_batch,
+                       fv.window_ms / 1000)
+  app = http.create_app(fv.run, token, limits, fv.policy)
+  print(f"serving {fv.run} on http://{fv.host}:{fv.port} (unlearning over HTTP "
+        f"{'on' if token else 'off: no token'}; batches of up to {fv.max_batch})", flush=True)
+  uvicorn.run(app, host=fv.host, port=fv.port, log_level="warning")
+
+
 COMMANDS = {
+    "serve": ("serve a run over HTTP (OpenAI-style /v1/completions in every sink mode, live "
+              "unlearning, source lookups)", _serve_flags, _serve, ("run",)),
     "unlearn": ("unlearn sources of a run now: no weight changes, ledgered, transactional",
                 _unlearn_flags, _unlearn, ("run", "reason"), "SOURCE..."),
     "sources list": ("the run's sources and their status", _list_flags, _list, ("run",)),

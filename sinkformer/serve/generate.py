@@ -3,14 +3,18 @@
 Prompts are left-padded to a common length so every row's last prompt token sits in the
 same column; pads are invisible to attention and positions count real tokens only. A row's
 sinks come from `row_sources` (mode "source": a source id per row, 0 = none) or are all off
-(mode "backbone"); `exclude` zeroes unlearned units in every pass. Shapes are bucketed so a
-session compiles a handful of functions, not one per prompt.
+(mode "backbone"); `exclude` zeroes unlearned units in every pass. Every row has its own
+temperature, top-p, seed and token limit, so one batch serves requests of different
+settings. Decoding runs in chunks of steps (a jitted scan each) so a server can stream and
+stop when every row has ended. Shapes are bucketed so a session compiles a handful of
+functions, not one per prompt.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,31 +27,61 @@ from sinkformer.model import sinks, transformer
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
+  """One setting for every row (the CLI, the evaluation); the server sets rows apart."""
   max_new: int = 32
   temperature: float = 0.0   # 0: greedy
   top_k: int = 0             # 0: no top-k filter
   top_p: float = 1.0         # 1: no nucleus filter
 
 
+class Rows(NamedTuple):
+  """Per-row sampling (an ordinary jit argument: rows of different requests share a batch)."""
+  temperature: jax.Array   # f32[B]; 0: greedy
+  top_p: jax.Array         # f32[B]; 1: no nucleus filter
+  seed: jax.Array          # uint32[B]
+  limit: jax.Array         # int32[B]: new tokens the row may have
+
+  @classmethod
+  def uniform(cls, n: int, s: Sampling, seed: int = 0) -> Rows:
+    """`n` rows of one setting; row r samples from seed + r."""
+    return cls(np.full(n, s.temperature, np.float32), np.full(n, s.top_p, np.float32),
+               (seed + np.arange(n)).astype(np.uint32), np.full(n, s.max_new, np.int32))
+
+
 def bucket(n: int, least: int = 16) -> int:
   return max(least, 1 << (max(n, 1) - 1).bit_length())
 
 
-def pick(logits, key, s: Sampling):
-  """Next token ids from logits [B, V] under the sampling settings."""
-  if s.temperature == 0:
-    return jnp.argmax(logits, -1).astype(jnp.int32)
-  logits = logits / s.temperature
-  if s.top_k:
-    kth = jax.lax.top_k(logits, s.top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if s.top_p < 1.0:
+def pick(logits, keys, temperature, top_p, top_k: int = 0, vocab: int | None = None):
+  """Next token ids from logits [B, V]: greedy where temperature is 0, else sampled from the
+  tempered distribution cut to the `top_k` best (static; 0 = all) and to the smallest set
+  of mass >= top_p (per row; the best token is always kept). Ids from `vocab` on (the
+  tokenizer's size, when the model's is larger) are never picked."""
+  if vocab is not None and vocab < logits.shape[-1]:
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
+  greedy = jnp.argmax(logits, -1).astype(jnp.int32)
+
+  def sampled(logits):
+    logits = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    if top_k:
+      kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+      logits = jnp.where(logits < kth, -jnp.inf, logits)
     ordered = jnp.sort(logits, -1)[..., ::-1]
     probs = jax.nn.softmax(ordered, -1)
-    keep = jnp.cumsum(probs, -1) - probs < s.top_p           # always keeps the best token
+    keep = jnp.cumsum(probs, -1) - probs < top_p[:, None]
     threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), -1, keepdims=True)
     logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return jax.random.categorical(key, logits).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+  # an all-greedy batch skips the sort over the vocabulary
+  drawn = jax.lax.cond((temperature > 0).any(), sampled, lambda _: greedy, logits)
+  return jnp.where(temperature > 0, drawn, greedy)
+
+
+def _step_keys(seed, step):
+  """Row r's key for its `step`-th new token: a function of its own seed only."""
+  step = jnp.broadcast_to(step, seed.shape)
+  return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seed, step)
 
 
 def _gate(setup: engine.Setup, mode: str, segment_ids, row_sources, exclude):
@@ -61,66 +95,138 @@ def _positions(valid):
   return jnp.maximum(jnp.cumsum(valid, 1) - 1, 0).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _sample(setup, mode: str, s: Sampling, use_cache: bool, params, tokens, valid, row_sources,
-            exclude, key, eos):
+def _run(setup, mode, params, row_sources, exclude, batch, cache=None):
+  gate = _gate(setup, mode, batch["segment_ids"], row_sources, exclude)
+  return transformer.apply(setup.graphdef, params, batch, gate, cache)
+
+
+class Decoding(NamedTuple):
+  """Where decoding stands between chunks."""
+  cache: transformer.Cache
+  last: jax.Array    # f32[B, V] logits of each row's latest token
+  count: jax.Array   # int32[B] tokens so far (the next position)
+  new: jax.Array     # int32[B] tokens generated so far
+  done: jax.Array    # bool[B]
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _prefill(setup, mode: str, total: int, params, tokens, valid, row_sources, exclude):
   b, tp = tokens.shape
-  total = tp + s.max_new
-  keys = jax.random.split(key, s.max_new)
-  valid_all = jnp.zeros((b, total), bool).at[:, :tp].set(valid)
-  run = lambda batch, seg, cache=None: transformer.apply(
-      setup.graphdef, params, batch, _gate(setup, mode, seg, row_sources, exclude), cache)
+  cache = transformer.empty_cache(setup.dims, b, total)._replace(
+      valid=jnp.zeros((b, total), bool).at[:, :tp].set(valid))
+  seg = valid.astype(jnp.int32)
+  logits, cache = _run(setup, mode, params, row_sources, exclude,
+                       {"tokens": tokens, "positions": _positions(valid), "segment_ids": seg},
+                       cache)
+  zeros = jnp.zeros(b, jnp.int32)
+  return Decoding(cache, logits[:, -1], valid.sum(1).astype(jnp.int32), zeros, zeros > 0)
 
-  if use_cache:
-    cache = transformer.empty_cache(setup.dims, b, total)._replace(valid=valid_all)
-    seg = valid.astype(jnp.int32)
-    logits, cache = run({"tokens": tokens, "positions": _positions(valid), "segment_ids": seg},
-                        seg, cache)
-    ones = jnp.ones((b, 1), jnp.int32)
 
-    def step(carry, key):
-      cache, last, count, done = carry
-      token = jnp.where(done, tok_lib.PAD, pick(last, key, s))
-      cache = cache._replace(valid=jax.lax.dynamic_update_slice(
-          cache.valid, jnp.ones((b, 1), bool), (0, cache.index)))
-      logits, cache = run({"tokens": token[:, None], "positions": count[:, None],
-                           "segment_ids": ones}, ones, cache)
-      return (cache, logits[:, -1], count + 1, done | (token == eos)), token
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
+def _decode_chunk(setup, mode: str, steps: int, top_k: int, vocab: int | None, params, state,
+                  row_sources, exclude, rows, eos):
+  """`steps` tokens for every row (PAD once a row is done: EOS or its limit reached)."""
+  b = state.count.shape[0]
+  ones = jnp.ones((b, 1), jnp.int32)
 
-    carry = (cache, logits[:, -1], valid.sum(1).astype(jnp.int32), jnp.zeros(b, bool))
-    _, out = jax.lax.scan(step, carry, keys)
-    return out.T
+  def step(state, _):
+    done = state.done | (state.new >= rows.limit)
+    token = pick(state.last, _step_keys(rows.seed, state.new), rows.temperature, rows.top_p,
+                 top_k, vocab)
+    token = jnp.where(done, tok_lib.PAD, token)
+    cache = state.cache._replace(valid=jax.lax.dynamic_update_slice(
+        state.cache.valid, jnp.ones((b, 1), bool), (0, state.cache.index)))
+    logits, cache = _run(setup, mode, params, row_sources, exclude,
+                         {"tokens": token[:, None], "positions": state.count[:, None],
+                          "segment_ids": ones}, cache)
+    live = ~done
+    return Decoding(cache, logits[:, -1], state.count + live, state.new + live,
+                    done | (token == eos)), token
 
-  buffer = jnp.zeros((b, total), jnp.int32).at[:, :tp].set(tokens)
+  state, out = jax.lax.scan(step, state, None, length=steps)
+  return state, out.T
 
-  def step(carry, xs):   # the whole sequence again every step: the no-cache baseline
+
+def decode(setup: engine.Setup, params, prompts: list[list[int]], row_sources, exclude,
+           rows: Rows, mode: str = "source", top_k: int = 0, eos: int = tok_lib.EOS,
+           chunk: int = 16, vocab: int | None = None):
+  """Generate for every prompt (token ids, BOS first) with a KV cache, `chunk` steps per
+  call: yields each row's new tokens so far after every chunk (a row ends after its EOS or
+  at its limit), until every row has ended. Shapes are bucketed (rows, prompt length, and
+  the longest limit in chunks), so a server compiles a handful of functions."""
+  n = len(prompts)
+  b, tp = bucket(n, 1), bucket(max(len(p) for p in prompts))
+  steps = -(-int(max(rows.limit)) // chunk) * chunk
+  tokens, valid = np.zeros((b, tp), np.int32), np.zeros((b, tp), bool)
+  for i, p in enumerate(prompts):
+    tokens[i, tp - len(p):], valid[i, tp - len(p):] = p, True
+  pad = lambda x, dtype: np.concatenate([np.asarray(x, dtype), np.zeros(b - n, dtype)])
+  sources = pad(row_sources, np.int32)
+  rows = Rows(pad(rows.temperature, np.float32), pad(rows.top_p, np.float32) + (np.arange(b) >= n),
+              pad(rows.seed, np.uint32), pad(rows.limit, np.int32))
+  state = _prefill(setup, mode, tp + bucket(steps, chunk), params, tokens, valid, sources,
+                   exclude)
+  out = np.zeros((b, 0), np.int32)
+  for _ in range(steps // chunk):
+    state, got = _decode_chunk(setup, mode, chunk, top_k, vocab, params, state, sources,
+                               exclude, rows, np.int32(eos))
+    out = np.concatenate([out, np.asarray(got)], 1)
+    ended = np.asarray(state.done | (state.new >= rows.limit))
+    yield [_cut(row, eos, int(limit)) for row, limit in zip(out[:n].tolist(), rows.limit[:n])]
+    if ended.all():
+      return
+
+
+def _cut(row: list[int], eos: int, limit: int) -> list[int]:
+  row = row[:limit]
+  return row[:row.index(eos) + 1] if eos in row else row
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _sample_without_cache(setup, mode: str, steps: int, top_k: int, vocab: int | None, params,
+                          tokens, valid, row_sources, exclude, rows, eos):
+  """The whole sequence again at every step: the baseline the KV cache is measured against."""
+  b, tp = tokens.shape
+  buffer = jnp.zeros((b, tp + steps), jnp.int32).at[:, :tp].set(tokens)
+  valid = jnp.zeros((b, tp + steps), bool).at[:, :tp].set(valid)
+
+  def step(carry, n):
     buffer, valid, done = carry
-    n, key = xs
     seg = valid.astype(jnp.int32)
-    logits = run({"tokens": buffer, "positions": _positions(valid), "segment_ids": seg}, seg)
-    token = jnp.where(done, tok_lib.PAD, pick(logits[:, tp - 1 + n], key, s))
+    logits = _run(setup, mode, params, row_sources, exclude,
+                  {"tokens": buffer, "positions": _positions(valid), "segment_ids": seg})
+    token = pick(logits[:, tp - 1 + n], _step_keys(rows.seed, n), rows.temperature, rows.top_p,
+                 top_k, vocab)
+    token = jnp.where(done | (n >= rows.limit), tok_lib.PAD, token)
     buffer = jax.lax.dynamic_update_slice(buffer, token[:, None], (0, tp + n))
     valid = jax.lax.dynamic_update_slice(valid, jnp.ones((b, 1), bool), (0, tp + n))
     return (buffer, valid, done | (token == eos)), token
 
-  _, out = jax.lax.scan(step, (buffer, valid_all, jnp.zeros(b, bool)),
-                        (jnp.arange(s.max_new), keys))
+  _, out = jax.lax.scan(step, (buffer, valid, jnp.zeros(b, bool)), jnp.arange(steps))
   return out.T
 
 
 def sample(setup: engine.Setup, params, prompts: list[list[int]], row_sources, exclude,
            s: Sampling = Sampling(), mode: str = "source", seed: int = 0,
-           use_cache: bool = True, eos: int = tok_lib.EOS) -> list[list[int]]:
-  """New tokens for each prompt (token ids, BOS included), cut after the `eos` id."""
+           use_cache: bool = True, eos: int = tok_lib.EOS,
+           vocab: int | None = None) -> list[list[int]]:
+  """New tokens for each prompt (token ids, BOS included), cut after the `eos` id; every row
+  with the settings `s` (row r sampling from seed + r)."""
+  rows = Rows.uniform(len(prompts), s, seed)
+  if use_cache:
+    *_, last = decode(setup, params, prompts, row_sources, exclude, rows, mode, s.top_k, eos,
+                      min(16, s.max_new), vocab)
+    return last
   b, tp = bucket(len(prompts), 1), bucket(max(len(p) for p in prompts))
   tokens, valid = np.zeros((b, tp), np.int32), np.zeros((b, tp), bool)
   for i, p in enumerate(prompts):
     tokens[i, tp - len(p):], valid[i, tp - len(p):] = p, True
-  rows = np.zeros(b, np.int32)
-  rows[:len(prompts)] = row_sources
-  out = np.asarray(_sample(setup, mode, s, use_cache, params, tokens, valid, rows, exclude,
-                           jax.random.key(seed), np.int32(eos)))
-  return [row[:row.index(eos) + 1] if eos in row else row for row in out[:len(prompts)].tolist()]
+  sources = np.zeros(b, np.int32)
+  sources[:len(prompts)] = row_sources
+  padded = Rows.uniform(b, s, seed)
+  out = np.asarray(_sample_without_cache(setup, mode, s.max_new, s.top_k, vocab, params, tokens,
+                                         valid, sources, exclude, padded, np.int32(eos)))
+  return [_cut(row, eos, s.max_new) for row in out[:len(prompts)].tolist()]
 
 
 @partial(jax.jit, static_argnums=(0, 1))

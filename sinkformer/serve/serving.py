@@ -110,6 +110,7 @@ class Router:
   @staticmethod
   def embed(setup, params, token_lists, batch_size: int = 64) -> np.ndarray:
     length = generate.bucket(max(len(t) for t in token_lists))
+    batch_size = min(batch_size, generate.bucket(len(token_lists), 1))   # a query: one row
     out = []
     for start in range(0, len(token_lists), batch_size):
       chunk = token_lists[start:start + batch_size]
@@ -227,9 +228,10 @@ class Server:
     sources, gate_mode = self.sources_for(texts, mode)
     prompts = [self.encode(t) for t in texts]
     out = generate.sample(self.setup, self.params, prompts, sources, self.exclusion(), sampling,
-                          gate_mode, seed, use_cache, self.tokenizer.eos)
+                          gate_mode, seed, use_cache, self.tokenizer.eos,
+                          self.tokenizer.vocab_size)
     return [{"prompt": t, "text": self.tokenizer.decode(o), "tokens": o, "mode": mode,
-             "source": self._describe(int(s)), "policy": self.policy}
+             "source": self.describe(int(s)), "policy": self.policy}
             for t, o, s in zip(texts, out, sources)]
 
   def score(self, prompts: list[str], answers: list[str], mode: str) -> np.ndarray:
@@ -239,7 +241,8 @@ class Server:
     a = [self.tokenizer.encode(t) for t in answers]
     return generate.score(self.setup, self.params, p, a, sources, self.exclusion(), gate_mode)
 
-  def _describe(self, source_id: int) -> str | None:
+  def describe(self, source_id: int) -> str | None:
+    """How a response names the source it used: 'TITLE (id N)', or None (no sinks)."""
     if source_id == 0:
       return None
     row = self.board.catalog.get(f"id:{source_id}")

@@ -150,6 +150,10 @@ class Switchboard:
                            (seq,)).fetchall()
     return [(a, s) for _, a, s in rows], (rows[-1][0] if rows else seq)
 
+  def ledger_seq(self) -> int:
+    """The newest ledger entry's number (0: none yet)."""
+    return self.db.execute("SELECT coalesce(max(seq), 0) FROM ledger").fetchone()[0]
+
   def unlearned_ids(self) -> list[int]:
     return [r[0] for r in self.db.execute("SELECT id FROM sources WHERE status = 'unlearned'")]
 

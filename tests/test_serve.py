@@ -1,0 +1,140 @@
+"""`sinkformer serve`: the HTTP API in every mode, its refusals and bounds, live deletions
+(from this server and from another process), and a load test against real processes."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from fastapi.testclient import TestClient
+
+from sinkformer import config
+from sinkformer.serve import http, load
+from sinkformer.train import trainer
+
+TOKEN = "a-test-token-of-some-length"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  cfg = config.load("experiments/quickstart.py:smoke")
+  cfg.train.update(steps=40, eval_every=0, log_every=20, checkpoint_every=40)
+  path = tmp_path_factory.mktemp("run")
+  trainer.train(cfg, str(path))
+  return path
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+  shutil.copytree(trained, tmp_path / "run")
+  return str(tmp_path / "run")
+
+
+def client(run, token=TOKEN, **limits):
+  return TestClient(http.create_app(run, token, http.Limits(**{"window_s": 0.001, **limits})))
+
+
+def source_of(choice) -> int:
+  return int(re.search(r"\(id (\d+)\)$", choice["source"]).group(1))
+
+
+def complete(c, **body):
+  return c.post("/v1/completions", json={"max_tokens": 6, **body})
+
+
+def test_completions_in_every_mode_name_the_mode_source_and_policy(run):
+  with client(run) as c:
+    for mode in ("route", "source:person-5", "source:id:5", "backbone", "placebo"):
+      r = complete(c, prompt=["Balo Barsk", "Silo Rirsk lives_in"], mode=mode)
+      assert r.status_code == 200, r.text
+      body = r.json()
+      assert [ch["index"] for ch in body["choices"]] == [0, 1] and body["policy"] == "exclude"
+      for ch in body["choices"]:
+        assert ch["mode"] == mode and ch["policy"] == "exclude" and 0 < ch["tokens"] <= 6
+        assert (ch["source"] is None) == (mode == "backbone")
+      if mode.startswith("source:"):
+        assert {source_of(ch) for ch in body["choices"]} == {5}
+    # Same seed, same text; greedy equals the CLI's sampler.
+    a = complete(c, prompt="Balo Barsk", mode="source:person-5", temperature=0.9, seed=3).json()
+    b = complete(c, prompt="Balo Barsk", mode="source:person-5", temperature=0.9, seed=3).json()
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+
+
+def test_streaming_sends_chunks_then_the_sources_then_done(run):
+  with client(run) as c:
+    whole = complete(c, prompt="Balo Barsk", mode="source:person-5", max_tokens=40).json()
+    with c.stream("POST", "/v1/completions", json={"prompt": "Balo Barsk", "max_tokens": 40,
+                                                   "mode": "source:person-5", "stream": True}) as r:
+      events = [l[len("data: "):] for l in r.iter_lines() if l.startswith("data: ")]
+  assert events[-1] == "[DONE]"
+  parts = [json.loads(e) for e in events[:-1]]
+  text = "".join(ch.get("text", "") for p in parts for ch in p["choices"])
+  assert text == whole["choices"][0]["text"]
+  assert parts[-1]["choices"][0]["source"].endswith("(id 5)")
+
+
+def test_bad_requests_get_4xx_naming_the_field(run):
+  with client(run, max_prompts=2, max_tokens=8, max_prompt_tokens=4) as c:
+    r = c.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    r = complete(c, prompt="Balo Barsk", max_tokenz=3)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "max_tokenz"]
+    r = complete(c, prompt="Balo Barsk", temperature=-1)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "temperature"]
+    assert "max_tokens: at most 8" in complete(c, prompt="Balo", max_tokens=9).json()["detail"]
+    assert "at most 4 tokens" in complete(c, prompt="Balo Barsk Balo Barsk Balo").json()["detail"]
+    assert "1 to 2 prompts" in complete(c, prompt=["Balo"] * 3).json()["detail"]
+    r = complete(c, prompt="Balo", mode="source:x' OR 1=1 --")
+    assert r.status_code == 400 and "unknown source" in r.json()["detail"]
+    assert complete(c, prompt="Balo", mode="sideways").status_code == 400
+    assert complete(c, prompt="Balo", mode="source:silo rirsk").status_code == 409   # two match
+    assert c.get("/v1/sources", params={"limit": 5000}).status_code == 422
+
+
+def test_unlearning_needs_the_token_and_takes_effect_for_the_next_request(run):
+  with client(run) as c:
+    change = {"sources": ["person-5"], "reason": "erasure request 7"}
+    assert c.post("/v1/unlearn", json=change).status_code == 401
+    assert c.post("/v1/unlearn", json=change,
+                  headers={"Authorization": "Bearer wrong-token-wrong"}).status_code == 401
+    r = c.post("/v1/unlearn", json=change, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200 and r.json()["changed"] == [5] and r.json()["ledger_seq"] == 1
+    for ref in ("person-5", "5", "id:5", "key:person-5", "KILO  SERSK", "title:kilo sersk"):
+      r = complete(c, prompt="Balo", mode=f"source:{ref}")
+      assert r.status_code == 403 and "unlearned" in r.json()["detail"], ref
+    for _ in range(3):
+      routed = complete(c, prompt=["Kilo Sersk"] * 4, mode="route").json()["choices"]
+      assert 5 not in {source_of(ch) for ch in routed}
+    shown = c.get("/v1/sources/person-5").json()["sources"][0]
+    assert shown["status"] == "unlearned" and shown["ledger"][0]["why"] == "erasure request 7"
+    assert c.get("/v1/sources", params={"status": "unlearned"}).json()["counts"]["unlearned"] == 1
+    r = c.post("/v1/reactivate", json=change, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 403 and "allow_reactivation" in r.json()["detail"]
+    assert c.get("/healthz").json()["ledger_seq"] == 1
+    # Another process unlearns through the CLI: the server's next request honours it.
+    out = subprocess.run([sys.executable, "-m", "sinkformer", "unlearn", "--run", run,
+                          "--reason", "from another process", "person-6"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert complete(c, prompt="Balo", mode="source:person-6").status_code == 403
+
+
+def test_without_a_token_unlearning_over_http_is_off(run):
+  with client(run, token=None) as c:
+    r = c.post("/v1/unlearn", json={"sources": ["person-5"], "reason": "x"},
+               headers={"Authorization": "Bearer anything"})
+    assert r.status_code == 403 and "--token-file" in r.json()["detail"]
+    assert complete(c, prompt="Balo", mode="source:person-5").status_code == 200
+
+
+@pytest.mark.slow
+def test_load_real_server_processes_never_serve_a_source_unlearned_before_the_request(trained):
+  got = load.run(str(trained), clients=(1, 8), requests=3, unlearns=3, max_tokens=8)
+  for name, result in got.items():
+    assert result["lost_ledger_entries"] == 0, name
+    for r in result["rounds"]:
+      assert r["leaks"] == 0 and r["server_errors"] == 0, (name, r)
+      assert r["ok"] + r["refused"] == r["requests"] and r["ok"] > 0
+      assert len([s for s, rid in r["unlearned"] if rid]) >= 1
