@@ -149,11 +149,13 @@ def _decode_chunk(setup, mode: str, steps: int, top_k: int, vocab: int | None, p
 
 def decode(setup: engine.Setup, params, prompts: list[list[int]], row_sources, exclude,
            rows: Rows, mode: str = "source", top_k: int = 0, eos: int = tok_lib.EOS,
-           chunk: int = 16, vocab: int | None = None):
+           chunk: int = 16, vocab: int | None = None, room: int | None = None):
   """Generate for every prompt (token ids, BOS first) with a KV cache, `chunk` steps per
   call: yields each row's new tokens so far after every chunk (a row ends after its EOS or
   at its limit), until every row has ended. Shapes are bucketed (rows, prompt length, and
-  the longest limit in chunks), so a server compiles a handful of functions."""
+  the cache's room for new tokens: `room`, or the longest limit rounded up to a power of
+  two), so a session compiles a handful of functions; a server fixes `room` to its largest
+  max_tokens so that requests' limits never change a shape."""
   n = len(prompts)
   b, tp = bucket(n, 1), bucket(max(len(p) for p in prompts))
   steps = -(-int(max(rows.limit)) // chunk) * chunk
@@ -164,8 +166,8 @@ def decode(setup: engine.Setup, params, prompts: list[list[int]], row_sources, e
   sources = pad(row_sources, np.int32)
   rows = Rows(pad(rows.temperature, np.float32), pad(rows.top_p, np.float32) + (np.arange(b) >= n),
               pad(rows.seed, np.uint32), pad(rows.limit, np.int32))
-  state = _prefill(setup, mode, tp + bucket(steps, chunk), params, tokens, valid, sources,
-                   exclude)
+  room = bucket(steps, chunk) if room is None else max(room, steps)
+  state = _prefill(setup, mode, tp + room, params, tokens, valid, sources, exclude)
   out = np.zeros((b, 0), np.int32)
   for _ in range(steps // chunk):
     state, got = _decode_chunk(setup, mode, chunk, top_k, vocab, params, state, sources,

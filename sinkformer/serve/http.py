@@ -92,6 +92,7 @@ class Worker:
 
   def __init__(self, run_dir: str, policy: str | None, limits: Limits):
     self.limits = limits
+    self.room = generate.bucket(limits.max_tokens, 16)   # cache slots for new tokens: fixed
     self.queue: queue.Queue[Job | None] = queue.Queue()
     ready, failed = threading.Event(), []
 
@@ -122,7 +123,8 @@ class Worker:
                                np.zeros(rows, np.uint32), np.ones(rows, np.int32))
       for _ in generate.decode(s.setup, s.params, [prompt] * rows, np.zeros(rows, np.int32),
                                s.exclusion(), settings, "source" if s.setup.spec else "dense",
-                               eos=s.tokenizer.eos, vocab=s.tokenizer.vocab_size):
+                               eos=s.tokenizer.eos, vocab=s.tokenizer.vocab_size,
+                               room=self.room):
         pass
       if s.setup.spec is not None:
         s.router.rank(serving.Router.embed(s.setup, s.params, [prompt] * rows), s.alive())
@@ -211,7 +213,7 @@ class Worker:
     final = None
     for final in generate.decode(s.setup, s.params, prompts, np.asarray(sources, np.int32),
                                  s.exclusion(), settings, gate, eos=tok.eos,
-                                 vocab=tok.vocab_size):
+                                 vocab=tok.vocab_size, room=self.room):
       deltas: dict[int, list] = {}
       for r, tokens in enumerate(final):
         text = tok.decode(tokens)
