@@ -166,7 +166,29 @@ def _serve(fv):
   uvicorn.run(app, host=fv.host, port=fv.port, log_level="warning")
 
 
+def _export_flags(fv, argv):
+  run_flag(fv)
+  flags.DEFINE_string("mode", "backbone", "the fixed mode to export: backbone or source:REF",
+                      flag_values=fv)
+  flags.DEFINE_enum("format", "hf", ["hf"], "hf: Hugging Face LlamaForCausalLM (config.json, "
+                    "model.safetensors, tokenizer)", flag_values=fv)
+  flags.DEFINE_string("out", None, "the export directory (must not exist)", flag_values=fv)
+  flags.DEFINE_enum("policy", None, ["exclude", "route"], "override the run's unlearn.policy",
+                    flag_values=fv)
+  flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)", flag_values=fv)
+
+
+def _export(fv):
+  from sinkformer.serve import export
+  record = export.export(fv.run, fv.mode, fv.out, fv.step, fv.policy)
+  print(f"{fv.out}: LlamaForCausalLM of {fv.run} step {record['step']} in mode {fv.mode} "
+        f"(policy {record['policy']}, ledger position {record['ledger_seq']}, intermediate "
+        f"size {record['intermediate_size']})")
+
+
 COMMANDS = {
+    "export": ("a run in one fixed mode (backbone or source:REF) as a standard LLaMA in the "
+               "Hugging Face format", _export_flags, _export, ("run", "out")),
     "serve": ("serve a run over HTTP (OpenAI-style /v1/completions in every sink mode, live "
               "unlearning, source lookups)", _serve_flags, _serve, ("run",)),
     "unlearn": ("unlearn sources of a run now: no weight changes, ledgered, transactional",
