@@ -138,3 +138,31 @@ def test_load_real_server_processes_never_serve_a_source_unlearned_before_the_re
       assert r["leaks"] == 0 and r["server_errors"] == 0, (name, r)
       assert r["ok"] + r["refused"] == r["requests"] and r["ok"] > 0
       assert len([s for s, rid in r["unlearned"] if rid]) >= 1
+
+
+def test_attribution_credits_the_source_whose_sinks_learned_the_text(run, tmp_path):
+  from sinkformer.eval import attribution
+  from sinkformer.serve import serving
+  server = serving.Server(run)
+  row = server.board.catalog.get("person-7")
+  # the run's own article about person 7: its sinks explain it best
+  doc = serving.source_openings(server.cfg, server.identity, [row["id"]])[0]
+  text = server.tokenizer.decode(doc)
+  got = attribution.attribute(server, text, top=5)
+  assert got["ranked"][0]["id"] == row["id"] and got["candidates"] == len(server.router.ids)
+  assert got["ranked"][0]["gain"] > got["ranked"][1]["gain"] > got["ranked"][4]["gain"]
+  first = got["ranked"][0]
+  assert first["nll"] == pytest.approx(got["backbone_nll"] - first["gain"])
+  out = subprocess.run([sys.executable, "-m", "sinkformer", "attribute", "--run", run,
+                        "--text", text, "--top", "3", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert "(id 7, person-7)" in out.stdout.splitlines()[2]     # rank 1
+  assert (tmp_path / "attribution.png").stat().st_size > 0
+  assert json.loads((tmp_path / "attribution.json").read_text())["ranked"][0]["id"] == 7
+  # unlearned sources are never credited
+  server.board.unlearn(["person-7"], "test")
+  server.refresh()
+  again = attribution.attribute(server, text, top=5)
+  assert row["id"] not in [r["id"] for r in again["ranked"]]
+  assert again["candidates"] == got["candidates"] - 1

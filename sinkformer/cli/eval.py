@@ -108,7 +108,63 @@ def _posthoc(fv):
   print(f"{fv.method}: unlearned copy written to {fv.workdir}")
 
 
+def _attribute_flags(fv, argv):
+  run_flag(fv)
+  flags.DEFINE_string("text", None, "the text to attribute (or the prompt, with --answer)",
+                      flag_values=fv)
+  flags.DEFINE_string("answer", None, "score only this continuation of --text", flag_values=fv)
+  flags.DEFINE_multi_string("source", [], "also consider this source; repeatable",
+                            flag_values=fv)
+  flags.DEFINE_integer("top", 10, "sources to show", flag_values=fv)
+  flags.DEFINE_integer("candidates", 64, "the router's nearest sources to score when the "
+                       "catalog is larger than --everyone_below", flag_values=fv)
+  flags.DEFINE_integer("everyone_below", 4096, "score every active source of catalogs smaller "
+                       "than this", flag_values=fv)
+  flags.DEFINE_string("facts", None, "instead of --text: facts.jsonl with known sources "
+                      "(sinkformer data encyclopedia): top-1/top-5 against chance",
+                      flag_values=fv)
+  flags.DEFINE_integer("limit", 100, "facts per category (with --facts)", flag_values=fv)
+  flags.DEFINE_string("out", None, "where the JSON and plot go (default RUN/attribution)",
+                      flag_values=fv)
+
+
+def _attribute(fv):
+  import json
+  import os
+  from sinkformer.eval import attribution, evaluate
+  from sinkformer.serve import serving
+  server = serving.Server(fv.run)
+  out = fv.out or os.path.join(fv.run, "attribution")
+  os.makedirs(out, exist_ok=True)
+  if fv.facts:
+    result = attribution.evaluate(server, evaluate.load_facts(fv.facts), fv.limit)
+    for category, r in result.items():
+      print(f"{category} facts (n={r['facts']}, {r['candidates']} candidate sources): own "
+            f"source top-1 {r['top1']:.3f} (chance {r['chance_top1']:.3f}), top-5 "
+            f"{r['top5']:.3f} (chance {r['chance_top5']:.3f}); share of the top 5 that states "
+            f"the fact {r['top5_share']:.3f}")
+    path = os.path.join(out, "facts.json")
+  elif fv.text:
+    result = attribution.attribute(server, fv.text, fv.answer, fv.source, fv.top,
+                                   top_m=fv.candidates, everyone_below=fv.everyone_below)
+    print(f"{result['candidates']} candidate sources; backbone NLL {result['backbone_nll']:.3f} "
+          "nats/token")
+    print(f"{'rank':>4}  {'gain':>7}  {'NLL':>6}  source")
+    for n, r in enumerate(result["ranked"], 1):
+      print(f"{n:4d}  {r['gain']:7.3f}  {r['nll']:6.3f}  {r['title']} (id {r['id']}, {r['key']})")
+    attribution.plot(result, os.path.join(out, "attribution.png"))
+    path = os.path.join(out, "attribution.json")
+  else:
+    raise UserError("give --text (and optionally --answer), or --facts")
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"written to {path}")
+
+
 COMMANDS = {
+    "attribute": ("which sources taught the model a text: sources ranked by the loss their "
+                  "sinks remove (a table, JSON and a plot); with --facts, top-1/top-5 where "
+                  "the truth is known", _attribute_flags, _attribute, ("run",)),
     "oracle": ("train the retrain oracle of a run: same config, seed and order, minus the "
                "forget set", _oracle_flags, _oracle, ("run", "forget", "workdir")),
     "posthoc": ("post-hoc unlearning baselines (gradient ascent, GradDiff, NPO) on a run, "
