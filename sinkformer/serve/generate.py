@@ -157,11 +157,9 @@ def decode(setup: engine.Setup, params, prompts: list[list[int]], row_sources, e
   two), so a session compiles a handful of functions; a server fixes `room` to its largest
   max_tokens so that requests' limits never change a shape."""
   n = len(prompts)
-  b, tp = bucket(n, 1), bucket(max(len(p) for p in prompts))
+  tokens, valid = _left_padded(prompts)
+  b, tp = tokens.shape
   steps = -(-int(max(rows.limit)) // chunk) * chunk
-  tokens, valid = np.zeros((b, tp), np.int32), np.zeros((b, tp), bool)
-  for i, p in enumerate(prompts):
-    tokens[i, tp - len(p):], valid[i, tp - len(p):] = p, True
   pad = lambda x, dtype: np.concatenate([np.asarray(x, dtype), np.zeros(b - n, dtype)])
   sources = pad(row_sources, np.int32)
   rows = Rows(pad(rows.temperature, np.float32), pad(rows.top_p, np.float32) + (np.arange(b) >= n),
@@ -177,6 +175,15 @@ def decode(setup: engine.Setup, params, prompts: list[list[int]], row_sources, e
     yield [_cut(row, eos, int(limit)) for row, limit in zip(out[:n].tolist(), rows.limit[:n])]
     if ended.all():
       return
+
+
+def _left_padded(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens, valid) [B, Tp]: prompts right-aligned, rows and length bucketed."""
+  b, tp = bucket(len(prompts), 1), bucket(max(len(p) for p in prompts))
+  tokens, valid = np.zeros((b, tp), np.int32), np.zeros((b, tp), bool)
+  for i, p in enumerate(prompts):
+    tokens[i, tp - len(p):], valid[i, tp - len(p):] = p, True
+  return tokens, valid
 
 
 def _cut(row: list[int], eos: int, limit: int) -> list[int]:
@@ -219,10 +226,8 @@ def sample(setup: engine.Setup, params, prompts: list[list[int]], row_sources, e
     *_, last = decode(setup, params, prompts, row_sources, exclude, rows, mode, s.top_k, eos,
                       min(16, s.max_new), vocab)
     return last
-  b, tp = bucket(len(prompts), 1), bucket(max(len(p) for p in prompts))
-  tokens, valid = np.zeros((b, tp), np.int32), np.zeros((b, tp), bool)
-  for i, p in enumerate(prompts):
-    tokens[i, tp - len(p):], valid[i, tp - len(p):] = p, True
+  tokens, valid = _left_padded(prompts)
+  b = tokens.shape[0]
   sources = np.zeros(b, np.int32)
   sources[:len(prompts)] = row_sources
   padded = Rows.uniform(b, s, seed)
