@@ -139,10 +139,13 @@ def _attribute(fv):
   if fv.facts:
     result = attribution.evaluate(server, evaluate.load_facts(fv.facts), fv.limit)
     for category, r in result.items():
-      print(f"{category} facts (n={r['facts']}, {r['candidates']} candidate sources): own "
-            f"source top-1 {r['top1']:.3f} (chance {r['chance_top1']:.3f}), top-5 "
-            f"{r['top5']:.3f} (chance {r['chance_top5']:.3f}); share of the top 5 that states "
-            f"the fact {r['top5_share']:.3f}")
+      print(f"{category} facts (n={r['facts']}, {r['candidates']} candidate sources; chance: "
+            f"top-1 {r['chance_top1']:.3f}, top-5 {r['chance_top5']:.3f}):")
+      for scored, what in (("text", "prompt + answer"), ("answer", "the answer alone")):
+        got = r[scored]
+        print(f"  scoring {what:16s}: a stating source ranks first {got['top1']:.3f}, in the "
+              f"top 5 {got['top5']:.3f}; share of the top 5 that states it "
+              f"{got['top5_share']:.3f}")
     path = os.path.join(out, "facts.json")
   elif fv.text:
     result = attribution.attribute(server, fv.text, fv.answer, fv.source, fv.top,

@@ -82,8 +82,9 @@ def plot(result: dict, path: str):
 
 
 def evaluate(server: serving.Server, facts: list[dict], limit: int = 100, seed: int = 0) -> dict:
-  """Top-1/top-5 of each fact's own source among every active source (unique facts), and
-  how much of the top 5 states the fact (shared facts), against chance."""
+  """Where each fact's own source ranks among every active source (unique facts), and how
+  much of the top 5 states the fact (shared facts), against chance; scoring the whole
+  probe ("text": prompt and answer) and the answer alone after the prompt ("answer")."""
   rng = np.random.default_rng(seed)
   ids = server.router.ids[server.alive()].astype(np.int32)
   index = {int(i): n for n, i in enumerate(ids)}
@@ -92,7 +93,8 @@ def evaluate(server: serving.Server, facts: list[dict], limit: int = 100, seed: 
   for category in ("unique", "shared"):
     pool = [f for f in facts if f["category"] == category]
     pool = [pool[i] for i in rng.permutation(len(pool))[:limit]]
-    top1, top5, share5, chance1, chance5 = [], [], [], [], []
+    hits = {scored: {"top1": [], "top5": [], "top5_share": []} for scored in ("text", "answer")}
+    chance1, chance5 = [], []
     for f in pool:
       stating = []
       for key in f["stated_in"]:
@@ -103,16 +105,19 @@ def evaluate(server: serving.Server, facts: list[dict], limit: int = 100, seed: 
           stating.append(index[key_to_id[key]])
       if not stating:   # its sources were held out or unlearned
         continue
-      got, _ = gains(server, f["prompt"], f["answer"], ids)
-      best5 = np.argsort(-got)[:5]
-      top1.append(best5[0] in stating)
-      top5.append(bool(set(best5) & set(stating)))
-      share5.append(len(set(best5) & set(stating)) / 5)
+      for scored, (text, answer) in {"text": (f"{f['prompt']} {f['answer']}", None),
+                                     "answer": (f["prompt"], f["answer"])}.items():
+        best5 = np.argsort(-gains(server, text, answer, ids)[0])[:5]
+        hits[scored]["top1"].append(best5[0] in stating)
+        hits[scored]["top5"].append(bool(set(best5) & set(stating)))
+        hits[scored]["top5_share"].append(len(set(best5) & set(stating)) / 5)
       chance1.append(len(stating) / len(ids))
-      chance5.append(1 - np.prod([(len(ids) - len(stating) - j) / (len(ids) - j) for j in range(5)]))
-    if top1:
-      out[category] = {"facts": len(top1), "top1": float(np.mean(top1)),
-                       "top5": float(np.mean(top5)), "top5_share": float(np.mean(share5)),
+      chance5.append(1 - np.prod([(len(ids) - len(stating) - j) / (len(ids) - j)
+                                  for j in range(5)]))
+    if chance1:
+      out[category] = {"facts": len(chance1), "candidates": len(ids),
                        "chance_top1": float(np.mean(chance1)),
-                       "chance_top5": float(np.mean(chance5)), "candidates": len(ids)}
+                       "chance_top5": float(np.mean(chance5)),
+                       **{scored: {k: float(np.mean(v)) for k, v in got.items()}
+                          for scored, got in hits.items()}}
   return out
