@@ -5,10 +5,12 @@ and the step time with and without a save in it (alternating, same process).
 
 `devices`: the same train step on one device and on all devices (e.g. 8 simulated CPUs).
 
-`stream`: tokens/s of the data pipeline alone against what the train step consumes.
+`stream`: tokens/s of the data pipeline alone per reader thread count, against what the
+train step consumes (or on prepared data given by path).
 
-`scale`: prepare a generated corpus of millions of one-document sources; peak memory,
-catalog lookup latency, time to the first batch.
+`scale`: prepare a generated corpus of millions of one-document sources; peak memory (worker
+processes included), catalog lookup latency, the first batch of a resumed late epoch, the
+stream per thread count.
 
 `sinks`: the NULL's train step against the dense control's (same shapes, same parameter
 count) in one process, alternating, so machine noise hits both alike; prints the median
@@ -169,44 +171,90 @@ def checkpoints(cfg, rounds: int = 10) -> dict:
   return result
 
 
-def stream(cfg, rounds: int = 30, steps_per_round: int = 4) -> dict:
-  """Tokens/s of the data pipeline alone (global batches to host, through Grain) against
-  what the train step consumes, alternating in one process."""
-  _, run, _ = _timed_step(cfg)
-  d = pipeline.load(cfg)
-  tokens = cfg.train.batch_size * cfg.data.seq_len
-  step = iter(range(10**9))
-
-  def produce() -> float:
-    first = next(step) * steps_per_round
+def stream_rates(batches: pipeline.Batches, workers, batches_per_count: int = 200) -> dict:
+  """Per reader thread count: tokens/s of the Grain pipeline (`iterate`) in steady state
+  (from its first batch to its last: the pipeline's start is reported apart, as the seconds
+  to its first batch). Each count reads steps no other count has read."""
+  tokens = batches.batch_size * batches.streams[0].seq_len
+  out, step = {}, 1
+  for w in workers:
     t0 = time.perf_counter()
-    for _ in pipeline.iterate(d.train, first, first + steps_per_round,
-                              threads=cfg.data.workers):
-      pass
-    return (time.perf_counter() - t0) / steps_per_round
+    it = pipeline.iterate(batches, step, step + batches_per_count + 1, threads=w)
+    next(it)
+    first = time.perf_counter() - t0
+    for _ in range(batches_per_count):
+      next(it)
+    steady = (time.perf_counter() - t0 - first) / batches_per_count
+    out[w] = {"tokens_per_s": tokens / steady, "first_batch_s": first}
+    step += batches_per_count + 1
+  return out
 
-  run(), produce()
-  times = {"stream": [], "train": []}
-  for _ in range(rounds):
-    times["stream"].append(produce())
-    times["train"].append(run(steps_per_round))
-  ratios = np.array(times["train"]) / np.array(times["stream"])
-  result = {"bench": "stream", "data": d.summary,
-            "stream_tokens_per_s": tokens / float(np.median(times["stream"])),
-            "train_tokens_per_s": tokens / float(np.median(times["train"])),
-            **_spread(ratios), "rounds": rounds, "workers": cfg.data.workers}
-  print(f"data: {d.summary}")
-  print(f"  stream {result['stream_tokens_per_s']:,.0f} tok/s vs train step "
-        f"{result['train_tokens_per_s']:,.0f} tok/s: stream/train {result['ratio']:.1f}x "
-        f"(p10 {result['ratio_p10']:.1f}x)")
+
+def stream(cfg=None, rounds: int = 30, steps_per_round: int = 4, data: str | None = None,
+           workers=(0, 1, 2, 4), rows: int = 64, seq_len: int = 128) -> dict:
+  """Tokens/s of the data pipeline per reader thread count (stream_rates): on the config's
+  data, against what its train step consumes (median of `rounds`), or on prepared data
+  given by path (`rows` x `seq_len` batches, no model)."""
+  if data is not None:
+    docs = pipeline.open_prepared(data)
+    batches = pipeline.Batches([pipeline.DocStream(docs, None, seq_len, 8, seed=0)], [1], rows)
+    summary = f"{docs.origin}: {len(docs.lengths):,} documents, batches of {rows}x{seq_len}"
+  else:
+    d = pipeline.load(cfg)
+    batches, summary = d.train, d.summary
+  print(f"data: {summary}")
+  rates = stream_rates(batches, list(workers))
+  result = {"bench": "stream", "data": summary, "per_thread_count": rates}
+  for w, rate in rates.items():
+    print(f"  {w} reader thread{'s' if w != 1 else ''}: {rate['tokens_per_s']:,.0f} tokens/s "
+          f"(first batch after {rate['first_batch_s']:.2f}s)")
+  if cfg is not None:
+    _, run, _ = _timed_step(cfg)
+    run()
+    train = cfg.train.batch_size * cfg.data.seq_len / float(np.median(
+        [run(steps_per_round) for _ in range(rounds)]))
+    result["train_tokens_per_s"] = train
+    best = max(r["tokens_per_s"] for r in rates.values())
+    print(f"  the train step consumes {train:,.0f} tokens/s: the best stream is "
+          f"{best / train:.1f}x that")
   print(json.dumps(result))
   return result
 
 
-def scale(num_docs: int, directory: str, lookups: int = 20000, group_size: int = 1) -> dict:
+class _TreeRss:
+  """Peak resident memory of this process and its children (sampled every 0.2 s), so
+  worker processes count."""
+
+  def __init__(self):
+    import psutil
+    import threading
+    self.peak, self._stop = 0, threading.Event()
+    me = psutil.Process()
+
+    def sample():
+      while not self._stop.wait(0.2):
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+          try:
+            total += p.memory_info().rss
+          except psutil.Error:   # exited between listing and reading
+            pass
+        self.peak = max(self.peak, total)
+
+    self._thread = threading.Thread(target=sample, daemon=True)
+    self._thread.start()
+
+  def stop(self) -> int:
+    self._stop.set()
+    self._thread.join()
+    return self.peak
+
+
+def scale(num_docs: int, directory: str, lookups: int = 20000, group_size: int = 1,
+          workers=(0, 1, 2, 4)) -> dict:
   """Prepare a generated corpus of `num_docs` tiny documents (one source each), then time
-  catalog lookups and the stream's first batch on it. Peak RSS covers the whole process."""
-  import resource
+  catalog lookups, the first batch of a late epoch as a resumed run reads it, and the
+  stream per reader thread count. Peak RSS covers the prepare's worker processes too."""
   from sinkformer.data import catalog as catalog_lib, prepare
   os.makedirs(directory, exist_ok=True)
   corpus, out = os.path.join(directory, "tiny.jsonl"), os.path.join(directory, "prepared")
@@ -225,10 +273,11 @@ def scale(num_docs: int, directory: str, lookups: int = 20000, group_size: int =
   if os.path.exists(out):
     import shutil
     shutil.rmtree(out)
+  rss = _TreeRss()
   t0 = time.perf_counter()
   m = prepare.prepare(corpus, out, vocab_size=1024, group_size=group_size, log=print)
   prepare_s = time.perf_counter() - t0
-  peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  peak_rss = rss.stop()
 
   cat = catalog_lib.Catalog(os.path.join(out, "catalog.sqlite"))
   ids = rng.integers(1, num_docs + 1, lookups)
@@ -243,27 +292,37 @@ def scale(num_docs: int, directory: str, lookups: int = 20000, group_size: int =
       times.append(time.perf_counter() - t)
     latency[kind] = (float(np.percentile(times, 50)), float(np.percentile(times, 99)))
   cat.close()
-  t0 = time.perf_counter()
-  docs = pipeline.open_prepared(out)
-  s = pipeline.DocStream(docs, None, 128, 16, seed=0)
-  s.rows(np.arange(16))
+
+  rows, seq_len, epoch = 16, 128, 3
+  stream = pipeline.DocStream(pipeline.open_prepared(out), None, seq_len, 16, seed=0)
+  per_epoch = [stream.epoch_rows(0)] * epoch   # what a checkpoint records
+  t0 = time.perf_counter()   # a run resumed in epoch 3: open, plan epoch 3 only, one batch
+  resumed = pipeline.Batches([pipeline.DocStream(pipeline.open_prepared(out), None, seq_len,
+                                                 16, seed=0)], [1], rows)
+  resumed.remember([per_epoch])
+  late_step = sum(per_epoch[:epoch]) // rows + 1
+  next(pipeline.iterate(resumed, late_step, late_step + 1, threads=1))
   first_batch_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for b in range(1, 21):   # 16 rows of 128 tokens, as the quickstart trains
-    s.rows(16 * b + np.arange(16))
-  stream_tokens_per_s = 20 * 16 * 128 / (time.perf_counter() - t0)
+  rates = {r: stream_rates(pipeline.Batches([stream], [1], r), list(workers))
+           for r in (16, 64)}
   result = {"bench": "scale", "documents": m["documents"], "tokens": m["tokens"],
-            "sources": m["sources"], "generate_s": generate_s, "prepare_s": prepare_s,
-            "peak_rss_bytes": peak_rss, "first_batch_s": first_batch_s,
-            "stream_tokens_per_s": stream_tokens_per_s, "group_size": group_size,
+            "sources": m["sources"], "shards": len(m["shards"]), "generate_s": generate_s,
+            "prepare_s": prepare_s, "peak_rss_bytes": peak_rss,
+            "late_epoch_first_batch_s": first_batch_s, "group_size": group_size,
+            "stream_tokens_per_s": {f"{r}x{seq_len}/{w}": v["tokens_per_s"]
+                                    for r, by in rates.items() for w, v in by.items()},
             **{f"lookup_{k}_p50_s": v[0] for k, v in latency.items()},
             **{f"lookup_{k}_p99_s": v[1] for k, v in latency.items()}}
-  print(f"{m['documents']:,} documents, {m['tokens']:,} tokens, {m['sources']:,} sources: "
-        f"prepare {prepare_s:.0f}s, peak RSS {peak_rss / 2**30:.2f} GiB")
+  print(f"{m['documents']:,} documents, {m['tokens']:,} tokens, {m['sources']:,} sources, "
+        f"{len(m['shards'])} shards: prepare {prepare_s:.0f}s, peak RSS (with workers) "
+        f"{peak_rss / 2**30:.2f} GiB")
   for k, (p50, p99) in latency.items():
     print(f"  catalog lookup by {k}: p50 {1e6 * p50:.0f} us, p99 {1e6 * p99:.0f} us")
-  print(f"  stream: open + plan + first batch {first_batch_s:.1f}s, then "
-        f"{stream_tokens_per_s:,.0f} tokens/s (one thread, group_size {group_size})")
+  print(f"  resumed in epoch {epoch}: open + plan + first batch {first_batch_s:.2f}s")
+  for r, by in rates.items():
+    print(f"  stream, batches of {r}x{seq_len}: " + ", ".join(
+        f"{w} thread{'s' if w != 1 else ''} {v['tokens_per_s']:,.0f} tokens/s"
+        for w, v in by.items()))
   print(json.dumps(result))
   return result
 

@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import PartitionSpec as P
 
+from sinkformer import storage
 from sinkformer.errors import UserError
 
 # Fields that change the meaning of the weights: a checkpoint may not be resumed under others,
@@ -62,7 +64,7 @@ def data_differences(saved: dict, current: dict) -> list[str]:
 class Checkpoints:
 
   def __init__(self, directory: str, every: int, keep: int):
-    self.directory = os.path.abspath(directory)
+    self.directory = directory if storage.is_remote(directory) else os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
             save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=True,
@@ -124,7 +126,7 @@ class Checkpoints:
           f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
           f"moved to {aside}, trying the previous one", file=sys.stderr)
     if jax.process_index() == 0:   # kept for inspection, out of the way of a new save
-      os.replace(f"{self.directory}/{step}", aside)
+      epath.Path(f"{self.directory}/{step}").rename(aside)
     self.manager.reload()
 
   def wait(self):
@@ -136,10 +138,10 @@ class Checkpoints:
 
 def locate(path: str) -> tuple[Checkpoints, int]:
   """(checkpoints, step) for a run's checkpoint DIR (its newest step) or DIR/STEP."""
-  path = os.path.abspath(path)
-  base, tail = os.path.split(path)
+  path = path.rstrip("/") if storage.is_remote(path) else os.path.abspath(path)
+  base, _, tail = path.rpartition("/")
   directory, step = (base, int(tail)) if tail.isdigit() else (path, None)
-  if not os.path.isdir(directory):
+  if not storage.path(directory).is_dir():
     raise UserError(f"no checkpoint directory at {directory}")
   ckpts = Checkpoints(directory, every=1, keep=None)
   steps = ckpts.steps()

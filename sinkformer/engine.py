@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from functools import partial
 
 import jax
@@ -19,7 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sinkformer import checkpoint, config as config_lib
+from sinkformer import checkpoint, config as config_lib, storage
 from sinkformer.errors import UserError
 from sinkformer.model import sinks, transformer
 from sinkformer.parallel import mesh as mesh_lib
@@ -137,8 +136,7 @@ def load_config(run_dir: str):
   """A run's config.json over the base config: fields added since the run was made (the
   `unlearn` and `eval` sections, execution choices) get their defaults."""
   try:
-    with open(os.path.join(run_dir, "config.json")) as f:
-      raw = json.load(f)
+    raw = json.loads((storage.path(run_dir) / "config.json").read_text())
   except OSError:
     raise UserError(f"{run_dir} is not a sinkformer run (no config.json)") from None
   return ml_collections.ConfigDict(config_lib.merged(config_lib.base().to_dict(), raw))
@@ -148,7 +146,7 @@ def trained_config(run_dir: str):
   """(config, data identity) of a run, with data.corpus pinned to what it really trained on
   (a fallback or a corpus prepared by the trainer)."""
   cfg = load_config(run_dir)
-  ckpts, step = checkpoint.locate(os.path.join(run_dir, "checkpoints"))
+  ckpts, step = checkpoint.locate(storage.checkpoints_of(run_dir))
   identity = ckpts.meta(step).get("data", {"corpus": "builtin"})
   ckpts.close()
   if identity.get("corpus") == "builtin":
@@ -198,9 +196,9 @@ def load_run(path: str, step: int | None = None, devices=None) -> Run:
   """A run restored for use, onto `devices` (default: one device, whatever mesh it was
   trained on). `path` is a run directory (its newest checkpoint, or `step`) or a
   checkpoint directory `.../checkpoints[/STEP]` (config from the checkpoint's metadata)."""
-  is_run = os.path.exists(os.path.join(path, "config.json"))
-  where = os.path.join(path, "checkpoints") if is_run else path
-  ckpts, step = checkpoint.locate(os.path.join(where, str(step)) if step is not None else where)
+  is_run = (storage.path(path) / "config.json").exists()
+  where = storage.checkpoints_of(path) if is_run else path
+  ckpts, step = checkpoint.locate(f"{where.rstrip('/')}/{step}" if step is not None else where)
   try:
     cfg = (load_config(path) if is_run else ml_collections.ConfigDict(
         config_lib.merged(config_lib.base().to_dict(), ckpts.meta(step)["config"])))

@@ -125,15 +125,27 @@ def test_data_prepare_info_and_train_on_it(tmp_path):
 
 
 def test_bench_stream_and_scale_print_their_figures(tmp_path):
-  out = cli("bench", "stream", "--config", "experiments/quickstart.py:smoke", "--rounds", "2")
+  out = cli("bench", "stream", "--config", "experiments/quickstart.py:smoke", "--rounds", "2",
+            "--workers", "0,2")
   assert out.returncode == 0, out.stderr
   result = json.loads(out.stdout.strip().splitlines()[-1])
-  assert result["bench"] == "stream" and result["stream_tokens_per_s"] > 0
+  assert set(result["per_thread_count"]) == {"0", "2"} and result["train_tokens_per_s"] > 0
+  assert all(r["tokens_per_s"] > 0 for r in result["per_thread_count"].values())
   out = cli("bench", "scale", "--docs", "3000", "--dir", str(tmp_path))
   assert out.returncode == 0, out.stderr
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["documents"] == result["sources"] == 3000
   assert 0 < result["lookup_title_p99_s"] and result["peak_rss_bytes"] > 0
+  assert result["late_epoch_first_batch_s"] > 0 and len(result["stream_tokens_per_s"]) == 8
+  # a prepared corpus named on the command line, per thread count
+  out = cli("bench", "stream", "--data", str(tmp_path / "prepared"), "--workers", "1,2",
+            "--rows", "8", "--seq_len", "64")
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert set(result["per_thread_count"]) == {"1", "2"} and "train_tokens_per_s" not in result
+  assert "3,000 documents, batches of 8x64" in result["data"]
+  out = cli("bench", "stream")
+  assert out.returncode == 2 and "--config or --data" in out.stderr
 
 
 def test_bench_devices_compares_one_device_with_eight():

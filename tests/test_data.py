@@ -127,3 +127,45 @@ def test_builtin_corpus_has_unique_and_shared_facts():
   assert len({city for city, _ in pairs}) == len(pairs)
   assert len({int(d[13]) for d in c.docs}) > 50   # first unique value
   assert synthetic.generate(200, 3, seed=0).docs[5].tolist() == c.docs[5].tolist()
+
+
+def test_the_packing_plan_equals_the_greedy_loop_it_replaces():
+  rng = np.random.default_rng(0)
+  for seq_len, max_docs in ((8, 4), (128, 16), (64, 1)):
+    lengths = rng.integers(1, 3 * seq_len, 3000)
+    order = rng.permutation(3000)
+    doc, offset, length, starts = pipeline.pack_plan(order, lengths[order], seq_len, max_docs)
+    want, s = [], 0                                   # next-fit, one row at a time
+    while s < len(length):
+      want.append(s)
+      used, n = 0, 0
+      while s < len(length) and n < max_docs and (used + length[s] <= seq_len or n == 0):
+        used, n, s = used + length[s], n + 1, s + 1
+    np.testing.assert_array_equal(starts, want + [len(length)])
+    assert (length <= seq_len).all() and length.sum() == lengths.sum()
+
+
+def test_a_resumed_stream_plans_only_the_epochs_it_reads():
+  corpus = synthetic.generate(60, 3, seed=0)
+  make = lambda: pipeline.DocStream(pipeline.in_memory("r", corpus.docs, corpus.sources, 300),
+                                    None, 32, 4, seed=0)
+  first = make()
+  late = sum(first.epoch_rows(e) for e in range(7)) + 3       # a row in epoch 7
+  want = first.rows(late + np.arange(4))
+  resumed = make()
+  resumed.remember(first.rows_per_epoch)
+  got = resumed.rows(late + np.arange(4))
+  assert list(resumed._plans) == [7]
+  for field in pipeline.FIELDS:
+    np.testing.assert_array_equal(got[field], want[field])
+
+
+def test_the_device_prefetch_yields_what_the_host_built():
+  corpus = synthetic.generate(40, 3, seed=0)
+  batches = pipeline.Batches([pipeline.DocStream(pipeline.in_memory("p", corpus.docs, corpus.sources,
+                                                                    300), None, 32, 4, seed=0)], [1.0], 4)
+  put = lambda b: {k: np.asarray(v) * 1 for k, v in b.items()}   # stands in for device_put
+  got = list(pipeline.iterate(batches, 2, 9, np.arange(4), threads=2, put=put, ahead=3))
+  assert len(got) == 7
+  for step, b in zip(range(2, 9), got):
+    np.testing.assert_array_equal(b["tokens"], batches.batch(step)["tokens"])

@@ -58,6 +58,25 @@ def test_prepare_writes_records_catalog_manifest(prepared):
   assert m["tokens"] == int(docs.lengths.sum())
 
 
+def test_records_read_from_many_shards_by_many_threads(tmp_path):
+  corpus = write_jsonl(tmp_path / "c.jsonl", n=50)
+  m = prepare.prepare(corpus, str(tmp_path / "out"), vocab_size=320, shard_docs=7, workers=2,
+                      log=lambda _: 0)
+  assert len(m["shards"]) == 8 and m["shard_documents"] == [7] * 7 + [1]
+  from grain.sources import ArrayRecordDataSource
+  records = ArrayRecordDataSource([str(tmp_path / "out" / s) for s in m["shards"]])
+  docs = pipeline.open_prepared(str(tmp_path / "out"))
+  order = np.random.default_rng(0).permutation(50)   # across shards, back and forth
+  for i, tokens in zip(order, docs.read(order)):
+    np.testing.assert_array_equal(tokens, prepare.decode_record(records[int(i)])[1])
+  make = lambda: pipeline.Batches([pipeline.DocStream(pipeline.open_prepared(
+      str(tmp_path / "out")), None, 64, 4, seed=0)], [1.0], 4)
+  reference = make()
+  for threads in (1, 4):   # each thread seeks its own readers
+    for step, got in zip(range(0, 12), pipeline.iterate(make(), 0, 12, threads=threads)):
+      np.testing.assert_array_equal(got["tokens"], reference.batch(step)["tokens"])
+
+
 def test_catalog_lookup_by_id_key_and_any_title_spelling(prepared):
   cat = catalog_lib.Catalog(str(prepared[0] / "catalog.sqlite"))
   assert cat.get(8)["key"] == "e7"
@@ -101,8 +120,8 @@ def test_tokenizer_is_deterministic_and_keeps_long_lines(tmp_path):
   long_line = " ".join(f"{w}x" for w in rng.choice(WORDS, 3000))   # ~18 kB, one line
   assert all(len(p.encode()) <= tokenizer.MAX_PIECE_BYTES for p in tokenizer.pieces(long_line))
   assert "".join(tokenizer.pieces(long_line)).replace(" ", "") == long_line.replace(" ", "")
-  a = tokenizer.train(texts + [long_line], 400, str(tmp_path / "a.model"))
-  b = tokenizer.train(texts + [long_line], 400, str(tmp_path / "b.model"))
+  a = tokenizer.train(tokenizer.sample(texts + [long_line]), 400, str(tmp_path / "a.model"))
+  b = tokenizer.train(tokenizer.sample(texts + [long_line]), 400, str(tmp_path / "b.model"))
   assert a.sha256 == b.sha256
   # pieces with the "x" suffix exist only because the long line was not dropped
   assert any("x" in a.sp.id_to_piece(i) and len(a.sp.id_to_piece(i)) > 2 for i in range(a.vocab_size))
@@ -312,3 +331,72 @@ def test_a_mixture_of_raw_corpora_shares_the_first_tokenizer(tmp_path, smoke_cfg
   # the run's switchboard will list both corpora's sources, ids offset, keys qualified
   assert d.catalog is None and len(d.sources) == 60
   assert d.sources[40][0] == 41 and d.sources[40][1].endswith(":e0")
+
+
+def test_a_bad_line_met_while_the_tokenizer_trains_names_its_line(tmp_path):
+  corpus = write_jsonl(tmp_path / "c.jsonl", n=30, extra=['{"key": "x", "text": '])
+  with pytest.raises(UserError, match=r"c\.jsonl:31: malformed"):
+    prepare.prepare(corpus, str(tmp_path / "out"), vocab_size=320, log=lambda _: 0)
+  assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_vocabulary_too_small_is_refused_before_training_naming_the_minimum(tmp_path):
+  corpus = write_jsonl(tmp_path / "c.jsonl", n=30)
+  lines = tokenizer.sample(json.loads(l)["text"] for l in open(corpus))
+  least = tokenizer.required_pieces(lines)
+  assert 256 + 4 < least <= 256 + 4 + len(set("".join(lines)))
+  with pytest.raises(UserError, match=f"--vocab-size {least - 1} is too small for this corpus: "
+                                      f"it needs at least {least} pieces"):
+    prepare.prepare(corpus, str(tmp_path / "out"), vocab_size=least - 1, log=lambda _: 0)
+  assert not (tmp_path / "out.partial").exists()
+  assert tokenizer.train(lines, least, str(tmp_path / "t.model")).vocab_size == least  # enough
+
+
+def test_the_tokenizer_sample_is_seeded_and_uniform():
+  texts = [f"line {i}" for i in range(50_000)]
+  a, b = tokenizer.sample(texts, seed=1, limit=1000), tokenizer.sample(texts, seed=1, limit=1000)
+  assert a == b and len(a) == 1000 and a != tokenizer.sample(texts, seed=2, limit=1000)
+  position = np.asarray([int(x.split()[1]) for x in a])
+  assert 0.4 < np.mean(position < 25_000) < 0.6          # drawn from the whole corpus
+  assert tokenizer.sample(texts[:10], limit=1000) == texts[:10]
+
+
+def directory_digest(path):
+  """Every file's bytes, but the catalog's content rather than its pages."""
+  files = {p.name: p.read_bytes() for p in sorted(path.iterdir())
+           if p.name != "manifest.json" and not p.name.startswith("catalog.sqlite")}
+  cat = catalog_lib.Catalog(str(path / "catalog.sqlite"))
+  files["catalog"] = [cat.db.execute(f"SELECT * FROM {t} ORDER BY id").fetchall()
+                      for t in ("sources", "documents")]
+  cat.close()
+  return files
+
+
+def test_an_interrupted_prepare_continues_to_the_same_output(tmp_path):
+  corpus = write_jsonl(tmp_path / "c.jsonl", n=300)
+  whole = prepare.prepare(corpus, str(tmp_path / "whole"), vocab_size=320, shard_docs=40,
+                          workers=1, log=lambda _: 0)
+  # Kill a prepare (other worker count) after its third shard, mid-way through the fourth.
+  calls = {"n": 0}
+  real = prepare._close_shard
+
+  def dying(*args):
+    calls["n"] += 1
+    real(*args)
+    if calls["n"] == 3:
+      raise KeyboardInterrupt
+  prepare._close_shard = dying
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      prepare.prepare(corpus, str(tmp_path / "again"), vocab_size=320, shard_docs=40, workers=2,
+                      log=lambda _: 0)
+  finally:
+    prepare._close_shard = real
+  assert not (tmp_path / "again").exists() and (tmp_path / "again.partial").exists()
+  said = []
+  again = prepare.prepare(corpus, str(tmp_path / "again"), vocab_size=320, shard_docs=40,
+                          workers=2, log=said.append)
+  assert "120 documents done" in said[0]
+  for key in ("corpus", "catalog_sha256", "tokenizer", "shards", "shard_documents", "tokens"):
+    assert again[key] == whole[key], key
+  assert directory_digest(tmp_path / "again") == directory_digest(tmp_path / "whole")

@@ -8,10 +8,12 @@ its own absl flags; `--config` is an ml_collections config file with presets aft
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from absl import flags
 
+from sinkformer import storage
 from sinkformer.cli import bench, data, eval as eval_cmds, sources, train
 from sinkformer.errors import PARSE_ERRORS, UserError, one_line
 
@@ -62,8 +64,21 @@ def run(argv) -> int:
         raise UserError(f"--{flag} is required; see '{PROG} {name} --help'")
   except PARSE_ERRORS as e:
     raise UserError(one_line(e)) from None
-  action(fv, leftover) if args else action(fv)
+  with _local_run(fv):
+    action(fv, leftover) if args else action(fv)
   return 0
+
+
+@contextlib.contextmanager
+def _local_run(fv):
+  """A command on a run in a bucket (--run gs://...) works on the run's local mirror, which
+  is pushed back when it ends (storage.run_dir)."""
+  if "run" not in fv or fv.run is None:
+    yield
+    return
+  with storage.run_dir(fv.run) as local:
+    fv.run = local
+    yield
 
 
 def _underscored(arg: str) -> str:

@@ -47,6 +47,27 @@ def _serve(fv):
   print(json.dumps({"bench": "serve", **result}))
 
 
+def _stream_flags(fv, argv):
+  define_config_flag(fv, argv)
+  flags.DEFINE_string("data", None, "prepared data (a 'data prepare' --out) to stream instead "
+                      "of the config's", flag_values=fv)
+  flags.DEFINE_list("workers", ["0", "1", "2", "4"], "reader thread counts to time (0: "
+                    "batches made on the consuming thread)", flag_values=fv)
+  flags.DEFINE_integer("rows", 64, "rows per batch (with --data)", flag_values=fv)
+  flags.DEFINE_integer("seq_len", 128, "tokens per row (with --data)", flag_values=fv)
+  flags.DEFINE_integer("rounds", 10, "timed rounds of the train step (with --config)",
+                       flag_values=fv)
+
+
+def _stream(fv):
+  from sinkformer import bench
+  from sinkformer.errors import UserError
+  if (fv.config is None) == (fv.data is None):
+    raise UserError("bench stream takes --config or --data (prepared data), one of them")
+  bench.stream(fv.config, rounds=fv.rounds, data=fv.data,
+               workers=[int(w) for w in fv.workers], rows=fv.rows, seq_len=fv.seq_len)
+
+
 def _scale_flags(fv, argv):
   flags.DEFINE_integer("docs", 6_000_000, "generated one-document sources", flag_values=fv)
   flags.DEFINE_string("dir", None, "working directory (the generated corpus is reused)",
@@ -109,8 +130,9 @@ COMMANDS = {
     "bench devices": ("time the train step on one device against all devices (set "
                       "JAX_NUM_CPU_DEVICES=8 to simulate 8 on a CPU)", _bench_flags,
                       lambda fv: _bench(fv, "devices"), ("config",)),
-    "bench stream": ("time the data pipeline alone against the train step",
-                     _bench_flags, lambda fv: _bench(fv, "stream"), ("config",)),
+    "bench stream": ("tokens/s of the data pipeline per reader thread count, against the "
+                     "train step (--config) or on prepared data (--data)", _stream_flags,
+                     _stream, ()),
     "bench scale": ("prepare a generated corpus of millions of sources; memory, catalog "
                     "lookups, first batch", _scale_flags, _scale, ("dir",)),
     "bench checkpoint": ("time an async checkpoint save against the train step",

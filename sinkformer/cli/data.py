@@ -39,9 +39,15 @@ def _prepare_flags(fv, argv):
                        "stopping at the first", flag_values=fv)
   flags.DEFINE_boolean("tfds", False, "also write a TFDS array_record copy", flag_values=fv)
   flags.DEFINE_string("tfds_dir", None, "TFDS data_dir for --corpus tfds:NAME", flag_values=fv)
-  flags.DEFINE_integer("shard_docs", 1_000_000, "documents per ArrayRecord shard", flag_values=fv)
-  flags.DEFINE_integer("group_size", 1, "ArrayRecord records per chunk (1: pure random "
-                       "access; larger reads millions of tiny documents faster)", flag_values=fv)
+  flags.DEFINE_integer("shard_docs", None, "documents per ArrayRecord shard, the unit a "
+                       "killed prepare continues from (default: 65,536 chunks' worth)",
+                       flag_values=fv)
+  flags.DEFINE_integer("workers", None, "tokenizer processes (default: one per core)",
+                       flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "seed of the tokenizer's training sample", flag_values=fv)
+  flags.DEFINE_integer("group_size", 1, "ArrayRecord records per chunk (1: a random read "
+                       "decodes no neighbours, and Grain's ArrayRecord source logs an error "
+                       "for any other size)", flag_values=fv)
   flags.DEFINE_string("data_dir", None, "cache of fetched corpora", flag_values=fv)
 
 
@@ -49,7 +55,8 @@ def _prepare(fv):
   from sinkformer.data import prepare
   m = prepare.prepare(fv.corpus, fv.out, vocab_size=fv.vocab_size, tokenizer=fv.tokenizer,
                       source_by=fv.source_by, skip_bad=fv.skip_bad, shard_docs=fv.shard_docs,
-                      group_size=fv.group_size, tfds=fv.tfds, data_dir=fv.data_dir, tfds_dir=fv.tfds_dir)
+                      group_size=fv.group_size, tfds=fv.tfds, data_dir=fv.data_dir,
+                      tfds_dir=fv.tfds_dir, workers=fv.workers, seed=fv.seed)
   _print_manifest(fv.out, m)
 
 
@@ -60,7 +67,10 @@ def _print_manifest(path, m):
         f"{m['invalid_utf8_documents']} documents had invalid UTF-8 (replaced)")
   print(f"tokenizer: {m['tokenizer']['vocab_size']} pieces, sha256 {m['tokenizer']['sha256']}")
   print(f"corpus sha256 {m['corpus']['sha256']}; catalog sha256 {m['catalog_sha256']}")
-  print(f"formats: ArrayRecord ({len(m['shards'])} shards)" + (", TFDS" if m["tfds"] else ""))
+  sizes = m.get("shard_documents")   # manifests from before shards were sized say nothing
+  print(f"formats: ArrayRecord ({len(m['shards'])} shards"
+        + (f" of up to {max(sizes):,} documents" if sizes else "")
+        + f", group size {m.get('group_size', 1)})" + (", TFDS" if m["tfds"] else ""))
 
 
 def _encyclopedia_flags(fv, argv):
@@ -91,12 +101,17 @@ def _probes(fv):
 
 
 def _data_info_flags(fv, argv):
-  flags.DEFINE_string("data", None, "a prepared directory", flag_values=fv)
+  flags.DEFINE_string("data", None, "a prepared directory (or gs://...)", flag_values=fv)
 
 
 def _data_info(fv):
-  from sinkformer.data import pipeline
-  _print_manifest(fv.data, pipeline.open_prepared(fv.data).manifest)
+  import json
+  from sinkformer import storage
+  try:   # the manifest alone: prepared data in a bucket is not downloaded for this
+    manifest = json.loads((storage.path(fv.data) / "manifest.json").read_text())
+  except FileNotFoundError:
+    raise UserError(f"{fv.data} is not prepared data (no manifest.json)") from None
+  _print_manifest(fv.data, manifest)
 
 
 COMMANDS = {

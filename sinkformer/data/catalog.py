@@ -63,6 +63,13 @@ class Catalog:
   def close(self):
     self.db.close()
 
+  def without_lookup_indexes(self):
+    """Drop the title and group indexes (a bulk load builds them once at the end)."""
+    self.db.executescript("DROP INDEX IF EXISTS sources_title; DROP INDEX IF EXISTS sources_grp;")
+
+  def with_lookup_indexes(self):
+    self.db.executescript(SCHEMA)
+
   def batch(self):
     """A transaction: everything inside lands together or not at all."""
     return _Transaction(self.db)
@@ -70,28 +77,41 @@ class Catalog:
   def add_document(self, key: str, source_key: str, title: str, group: str | None,
                    origin: str, ordinal: int) -> int:
     """Register a document (and its source on first sight) -> the source id."""
-    row = self.db.execute("SELECT id FROM sources WHERE key = ?", (source_key,)).fetchone()
-    if row is None:
-      cur = self.db.execute("INSERT INTO sources (key, title, title_norm, grp) VALUES (?,?,?,?)",
-                            (source_key, title, normalize(title), group))
-      source_id = cur.lastrowid
-      if source_id > MAX_ID:
-        raise UserError(f"source id {source_id} does not fit int32; the catalog is full")
-    else:
-      source_id = row[0]
-    try:
-      self.db.execute("INSERT INTO documents (id, key, source_id, origin) VALUES (?,?,?,?)",
-                      (ordinal, key, source_id, origin))
-    except sqlite3.IntegrityError:
-      first = self.db.execute("SELECT origin FROM documents WHERE key = ?", (key,)).fetchone()
-      raise UserError(f"duplicate document key {key!r} at {origin}; first seen at "
-                      f"{first[0]}") from None
-    return source_id
+    return self.add_documents([(key, source_key, title, group, origin, ordinal)])[0]
 
-  def add_counts(self, counts):
-    """counts: iterable of (source_id, documents, tokens) to add."""
-    self.db.executemany("UPDATE sources SET documents = documents + ?, tokens = tokens + ? "
-                        "WHERE id = ?", ((int(d), int(t), int(s)) for s, d, t in counts))
+  def add_documents(self, docs) -> list[int]:
+    """Register documents [(key, source key, title, group, origin, ordinal)] in one go (a
+    source is created, in order, at its first document) -> their source ids."""
+    self.db.executemany("INSERT OR IGNORE INTO sources (key, title, title_norm, grp) "
+                        "VALUES (?,?,?,?)", ((s, t, normalize(t), g) for _, s, t, g, _, _ in docs))
+    keys = list(dict.fromkeys(d[1] for d in docs))
+    ids = {}
+    for start in range(0, len(keys), 900):
+      part = keys[start:start + 900]
+      ids.update(self.db.execute(f"SELECT key, id FROM sources WHERE key IN "
+                                 f"({','.join('?' * len(part))})", part))
+    if ids and max(ids.values()) > MAX_ID:
+      raise UserError(f"source id {max(ids.values())} does not fit int32; the catalog is full")
+    try:
+      self.db.executemany("INSERT INTO documents (id, key, source_id, origin) VALUES (?,?,?,?)",
+                          ((o, k, ids[s], origin) for k, s, _, _, origin, o in docs))
+    except sqlite3.IntegrityError:   # name the duplicate and where it was first seen
+      seen = {}
+      for key, *_, origin, _ in docs:
+        before = self.db.execute("SELECT origin FROM documents WHERE key = ? AND id < ?",
+                                 (key, docs[0][5])).fetchone()
+        first = seen.get(key) or (before and before[0])
+        if first:
+          raise UserError(f"duplicate document key {key!r} at {origin}; first seen at "
+                          f"{first}") from None
+        seen[key] = origin
+      raise
+    return [ids[d[1]] for d in docs]
+
+  def set_counts(self, counts):
+    """counts: iterable of (source_id, documents, tokens)."""
+    self.db.executemany("UPDATE sources SET documents = ?, tokens = ? WHERE id = ?",
+                        ((int(d), int(t), int(s)) for s, d, t in counts))
 
   def __len__(self) -> int:
     return self.db.execute("SELECT count(*) FROM sources").fetchone()[0]

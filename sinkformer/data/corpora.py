@@ -13,6 +13,7 @@ import json
 import os
 import xml.etree.ElementTree as ET
 
+from sinkformer import storage
 from sinkformer.errors import UserError
 
 
@@ -33,6 +34,10 @@ class Counts:
   malformed: int = 0          # skipped under skip_bad
   invalid_utf8: int = 0       # kept, with undecodable bytes replaced by U+FFFD
 
+  def add(self, other: "Counts"):
+    for field in dataclasses.fields(self):
+      setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
 
 def _decode(raw: bytes, counts: Counts) -> str:
   try:
@@ -51,45 +56,60 @@ def _keep(doc: Document, counts: Counts) -> bool:
 
 
 def read_jsonl(path: str, counts: Counts, skip_bad: bool = False):
-  with open(path, "rb") as f:
+  with storage.path(path).open("rb") as f:
     for lineno, raw in enumerate(f, start=1):
-      if not raw.strip():
-        continue
-      origin = f"{path}:{lineno}"
-      try:
-        obj = json.loads(_decode(raw, counts))
-        if not isinstance(obj, dict):
-          raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-        if not isinstance(obj.get("text"), str):
-          raise ValueError("no string field 'text'")
-        key = obj.get("key", obj.get("title"))
-        if not isinstance(key, (str, int)) or isinstance(key, bool) or str(key) == "":
-          raise ValueError("no 'key' (or 'title') to identify the document")
-      except ValueError as e:   # json.JSONDecodeError is a ValueError
-        if skip_bad:
-          counts.malformed += 1
-          continue
-        raise UserError(f"{origin}: malformed line: {e} (fix it, or pass --skip_bad to skip "
-                        "and count such lines)") from None
-      meta = {k: v for k, v in obj.items() if k not in ("key", "title", "text", "group")}
-      group = obj.get("group")
-      doc = Document(str(key), str(obj.get("title") or key), obj["text"],
-                     None if group is None else str(group), meta, origin)
-      if _keep(doc, counts):
+      doc = parse_jsonl_line(raw, f"{path}:{lineno}", counts, skip_bad)
+      if doc is not None:
         yield doc
+
+
+def is_jsonl(spec: str) -> bool:
+  """Whether `read` reads `spec` as JSONL (so its lines can be parsed anywhere)."""
+  return not spec.startswith("tfds:") and not spec.endswith((".xml", ".xml.bz2")) and \
+      storage.path(spec).is_file()
+
+
+def parse_jsonl_line(raw: bytes, origin: str, counts: Counts,
+                     skip_bad: bool = False) -> Document | None:
+  """One canonical JSONL line -> its Document, or None (blank, empty text, or malformed under
+  skip_bad: counted); a malformed line is an error naming `origin` (FILE:LINE)."""
+  if not raw.strip():
+    return None
+  try:
+    obj = json.loads(_decode(raw, counts))
+    if not isinstance(obj, dict):
+      raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if not isinstance(obj.get("text"), str):
+      raise ValueError("no string field 'text'")
+    key = obj.get("key", obj.get("title"))
+    if not isinstance(key, (str, int)) or isinstance(key, bool) or str(key) == "":
+      raise ValueError("no 'key' (or 'title') to identify the document")
+  except ValueError as e:   # json.JSONDecodeError is a ValueError
+    if skip_bad:
+      counts.malformed += 1
+      return None
+    raise UserError(f"{origin}: malformed line: {e} (fix it, or pass --skip_bad to skip "
+                    "and count such lines)") from None
+  meta = {k: v for k, v in obj.items() if k not in ("key", "title", "text", "group")}
+  group = obj.get("group")
+  doc = Document(str(key), str(obj.get("title") or key), obj["text"],
+                 None if group is None else str(group), meta, origin)
+  return doc if _keep(doc, counts) else None
 
 
 def read_text_folder(path: str, counts: Counts):
   """Every *.txt below `path` is a document; its folder (relative) is its group."""
-  files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(".txt"))
+  root = storage.path(path)
+  files = sorted((f for f in storage.files(root) if f.name.endswith(".txt")),
+                 key=os.fspath)   # the order of source ids
   if not files:
     raise UserError(f"{path} has no .txt files")
   for file in files:
-    rel = os.path.relpath(file, path)[:-4]
-    with open(file, "rb") as f:
-      text = _decode(f.read(), counts)
+    rel = file.relative_to(root).as_posix()[:-4]
+    text = _decode(file.read_bytes(), counts)
     folder = os.path.dirname(rel)
-    doc = Document(rel, os.path.basename(rel).replace("_", " "), text, folder or None, {}, file)
+    doc = Document(rel, os.path.basename(rel).replace("_", " "), text, folder or None, {},
+                   os.fspath(file))
     if _keep(doc, counts):
       yield doc
 
@@ -98,8 +118,8 @@ def read_mediawiki(path: str, counts: Counts):
   """Articles (namespace 0, not redirects) of a MediaWiki XML dump (.xml or .xml.bz2), with
   the markup stripped by mwparserfromhell."""
   import mwparserfromhell
-  opener = bz2.open if path.endswith(".bz2") else open
-  with opener(path, "rb") as f:
+  raw = storage.path(path).open("rb")
+  with (bz2.open(raw, "rb") if path.endswith(".bz2") else raw) as f:
     try:
       for number, (_, page) in enumerate(ET.iterparse(f), start=1):
         if not page.tag.endswith("}page") and page.tag != "page":
@@ -155,9 +175,10 @@ def read(spec: str, counts: Counts, skip_bad: bool = False, tfds_dir: str | None
   or tfds:NAME[:SPLIT]."""
   if spec.startswith("tfds:"):
     return read_tfds(spec, tfds_dir, counts)
-  if os.path.isdir(spec):
+  where = storage.path(spec)
+  if where.is_dir():
     return read_text_folder(spec, counts)
-  if not os.path.isfile(spec):
+  if not where.is_file():
     raise UserError(f"corpus {spec!r} not found: give a .jsonl file, a folder of .txt files, "
                     "a MediaWiki .xml/.xml.bz2 dump, tfds:NAME, or a name from 'sinkformer "
                     "data fetch'")

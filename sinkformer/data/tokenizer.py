@@ -1,14 +1,20 @@
-"""SentencePiece BPE: trained deterministically on a corpus, saved with the prepared data.
+"""SentencePiece BPE: trained deterministically on a seeded sample of a corpus, saved with
+the prepared data.
 
 Ids: 0 = pad (also the packer's padding), 1 = unk, 2 = bos, 3 = eos; byte fallback means no
 text is ever unknown. SentencePiece silently drops training lines longer than
-`max_sentence_length`, so text is fed in pieces cut at whitespace below that length.
+`max_sentence_length`, so text is fed in pieces cut at whitespace below that length. The
+training lines are a uniform sample of the whole corpus (reservoir sampling, seeded), held in
+Python before SentencePiece sees them: a bad corpus line is reported by the reader as
+FILE:LINE, not lost inside the C++ trainer.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
+import re
 
 import numpy as np
 import sentencepiece as spm
@@ -17,6 +23,9 @@ from sinkformer.errors import UserError
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 MAX_PIECE_BYTES = 4000   # below SentencePiece's default max_sentence_length (4192 bytes)
+SAMPLE_LINES = 2_000_000
+COVERAGE = 0.9995        # SentencePiece's character_coverage
+RESERVED = 4 + 256       # the special pieces and byte fallback's 256 byte pieces
 
 
 def pieces(text: str, limit: int = MAX_PIECE_BYTES):
@@ -32,19 +41,73 @@ def pieces(text: str, limit: int = MAX_PIECE_BYTES):
       yield line
 
 
-def train(texts, vocab_size: int, path: str, max_sentences: int = 2_000_000) -> "Tokenizer":
-  """Train a BPE of `vocab_size` pieces on an iterable of texts and save it to `path`."""
+def sample(texts, seed: int = 0, limit: int = SAMPLE_LINES) -> list[str]:
+  """A uniform sample of at most `limit` lines (`pieces`) of all the texts, the same for the
+  same texts and seed (reservoir sampling, random numbers drawn a block of lines at a time)."""
+  return sample_pieces((list(pieces(t)) for t in texts), seed, limit)
+
+
+def sample_pieces(blocks, seed: int = 0, limit: int = SAMPLE_LINES) -> list[str]:
+  """`sample` of texts already cut into pieces: `blocks` yields lists of pieces, in order."""
+  rng = np.random.default_rng(seed)
+  kept, seen, block = [], 0, []
+
+  def flush():
+    nonlocal seen
+    slots = rng.integers(0, seen + np.arange(1, len(block) + 1))   # line i replaces slot < i+1
+    for line, slot in zip(block, slots):
+      if len(kept) < limit:
+        kept.append(line)
+      elif slot < limit:
+        kept[slot] = line
+    seen += len(block)
+    block.clear()
+
+  for part in blocks:
+    block.extend(part)
+    if len(block) >= 65536:
+      flush()
+  flush()
+  return kept
+
+
+def required_pieces(lines: list[str]) -> int:
+  """The fewest pieces SentencePiece will accept for these lines: the reserved ones plus the
+  characters that cover COVERAGE of all characters (whitespace counted as one symbol)."""
+  counts = collections.Counter()
+  for start in range(0, len(lines), 65536):
+    counts.update("".join(" ".join(lines[start:start + 65536]).split(" ")))
+  counts[" "] = sum(len(line.split()) for line in lines)   # each word is preceded by one
+  total, covered, chars = sum(counts.values()), 0, 0
+  for _, n in counts.most_common():
+    if covered >= COVERAGE * total:
+      break
+    covered, chars = covered + n, chars + 1
+  return RESERVED + chars
+
+
+def train(lines: list[str], vocab_size: int, path: str) -> "Tokenizer":
+  """Train a BPE of `vocab_size` pieces on training lines (`sample`) and save it to `path`."""
+  least = required_pieces(lines)
+  if vocab_size < least:
+    raise UserError(f"--vocab-size {vocab_size} is too small for this corpus: it needs at "
+                    f"least {least} pieces ({RESERVED - 4} byte-fallback pieces, 4 special "
+                    f"ones and {least - RESERVED} characters)")
   model = io.BytesIO()
-  lines = (p for text in texts for p in pieces(text))
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines, model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, character_coverage=0.9995, pad_id=PAD, unk_id=UNK, bos_id=BOS,
-        eos_id=EOS, input_sentence_size=max_sentences, shuffle_input_sentence=False,
-        num_threads=1, minloglevel=2)
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe",
+        vocab_size=vocab_size, byte_fallback=True, character_coverage=COVERAGE, pad_id=PAD,
+        unk_id=UNK, bos_id=BOS, eos_id=EOS, input_sentence_size=0,   # all: already sampled
+        shuffle_input_sentence=False, num_threads=1, minloglevel=2)
   except RuntimeError as e:
+    message = str(e).strip().splitlines()[-1]
+    small = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
+    if small:   # our count of the characters fell short of SentencePiece's
+      raise UserError(f"--vocab-size {vocab_size} is too small for this corpus: it needs at "
+                      f"least {small.group(2)} pieces") from None
     raise UserError(f"could not train a {vocab_size}-piece tokenizer: "
-                    f"{str(e).strip().splitlines()[-1]}") from None
+                    f"{message.split('] ')[-1]}") from None
   with open(path, "wb") as f:
     f.write(model.getvalue())
   return load(path)

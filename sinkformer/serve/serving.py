@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sinkformer import engine
+from sinkformer import engine, storage
 from sinkformer.data import pipeline, synthetic, tokenizer as tok_lib
 from sinkformer.errors import UserError
 from sinkformer.model import sinks, transformer
@@ -69,7 +69,8 @@ def run_tokenizer(cfg, identity: dict):
   """The tokenizer a run was trained with: the built-in words or its corpus' SentencePiece."""
   if identity.get("corpus") == "builtin":
     return synthetic.Words(cfg.data.facts_per_source)
-  return tok_lib.load(os.path.join(identity["corpora"][0]["path"], "tokenizer.model"))
+  return tok_lib.load(os.path.join(storage.local_prepared(identity["corpora"][0]["path"]),
+                                   "tokenizer.model"))
 
 
 def source_openings(cfg, identity: dict, ids: np.ndarray) -> list[np.ndarray]:

@@ -1,6 +1,7 @@
 """The switchboard: which sources of a run are unlearned, and the ledger of every change.
 
-It lives in the run directory (`sources.sqlite`): a copy of the source catalog made when the
+It lives in the run directory (`sources.sqlite`; a run in a bucket has it in its local mirror,
+pushed after every change, see storage.py): a copy of the source catalog made when the
 run starts, whose `status` column is the switch (active / unlearned), plus an append-only
 `ledger` (request id, action, source, who, why, when; triggers reject UPDATE and DELETE). A
 request is one transaction: all of its sources change, or none (SQLite's journal makes that
@@ -19,6 +20,7 @@ import os
 import sqlite3
 import uuid
 
+from sinkformer import storage
 from sinkformer.data import catalog as catalog_lib
 from sinkformer.errors import UserError
 
@@ -81,6 +83,7 @@ class Switchboard:
     if not os.path.exists(path):
       raise UserError(f"{run_dir} has no switchboard ({FILE}): is it a sinkformer run "
                       "directory that has started training?")
+    self.run_dir = run_dir
     self.catalog = catalog_lib.Catalog(path)
     self.db = self.catalog.db
     self.db.execute("PRAGMA busy_timeout = 10000")   # several processes may write
@@ -131,6 +134,8 @@ class Switchboard:
     except BaseException:
       self.db.execute("ROLLBACK")
       raise
+    if changing:
+      storage.push(self.run_dir)   # a run in a bucket: the change reaches it now
     return {"request_id": request if changing else None, "action": action,
             "changed": changing, "unchanged": [r["id"] for r in rows if r["status"] != frm]}
 

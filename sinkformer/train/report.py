@@ -65,6 +65,13 @@ class Reporter:
       self.sources.write(json.dumps({"step": step, "source_id": sources.tolist(),
                                      "loss": loss.round(5).tolist(), "tokens": tokens.tolist()}) + "\n")
 
+  def flush(self):
+    """Everything written so far onto disk (before the run directory is pushed to a bucket)."""
+    if self.active:
+      self.jsonl.flush()
+      self.sources.flush()
+      self.tb.flush()
+
   def advance(self, steps: int):
     if self.active and self.bar is not None:
       self.bar.update(steps)

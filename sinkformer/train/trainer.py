@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sinkformer import checkpoint, engine
+from sinkformer import checkpoint, engine, storage
 from sinkformer.data import pipeline
 from sinkformer.errors import UserError
 from sinkformer.model import flops, sinks, transformer
@@ -28,9 +28,11 @@ from sinkformer.serve import switchboard
 from sinkformer.train import report
 
 
-def resume_or_init(setup: engine.Setup, ckpts: checkpoint.Checkpoints, data_identity: dict) -> dict:
-  """The newest intact checkpoint's state if there is one, else a fresh state. A checkpoint
-  of another architecture, tokenizer or source catalog is refused before anything is read."""
+def resume_or_init(setup: engine.Setup, ckpts: checkpoint.Checkpoints,
+                   data_identity: dict) -> tuple[dict, dict]:
+  """(state, metadata) of the newest intact checkpoint if there is one, else a fresh state
+  and {}. A checkpoint of another architecture, tokenizer or source catalog is refused
+  before anything is read."""
   def check(meta):
     diffs = checkpoint.differences(meta["config"], json.loads(setup.cfg.to_json()))
     diffs += checkpoint.data_differences(meta.get("data", {}), data_identity)
@@ -39,7 +41,7 @@ def resume_or_init(setup: engine.Setup, ckpts: checkpoint.Checkpoints, data_iden
                       + "; ".join(diffs) + " (use another --workdir, or the original config)")
 
   restored = ckpts.restore_latest(engine.abstract_state(setup), check)
-  return engine.init_state(setup, setup.cfg.seed) if restored is None else restored[0]
+  return (engine.init_state(setup, setup.cfg.seed), {}) if restored is None else restored
 
 
 def _per_document(setup: engine.Setup, batch, values):
@@ -141,6 +143,13 @@ def _evaluate(setup: engine.Setup, eval_fn, params, splits: dict) -> dict:
 
 
 def train(cfg, workdir: str, devices=None):
+  """Train in `workdir` (a local path or a bucket: see storage.run_dir), resuming from its
+  newest intact checkpoint if there is one; see _train."""
+  with storage.run_dir(workdir, write=jax.process_index() == 0) as local:
+    return _train(cfg, local, devices)
+
+
+def _train(cfg, workdir: str, devices=None):
   """Train, resuming from the workdir's newest intact checkpoint if there is one.
 
   Returns (final state, list of logged metric dicts). Call it from the main thread (it
@@ -161,9 +170,10 @@ def train(cfg, workdir: str, devices=None):
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json(indent=2))
     switchboard.create(workdir, data.catalog, data.sources)   # once; resumes keep it
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), t.checkpoint_every,
+  ckpts = checkpoint.Checkpoints(storage.checkpoints_of(workdir), t.checkpoint_every,
                                  t.keep_checkpoints)
-  state = resume_or_init(setup, ckpts, data.identity)
+  state, restored = resume_or_init(setup, ckpts, data.identity)
+  data.train.remember(restored.get("data_rows", []))   # no need to plan the epochs behind
   first = int(state["step"])
   reporter = report.Reporter(workdir, t.steps, first)
   if first:
@@ -175,7 +185,8 @@ def train(cfg, workdir: str, devices=None):
   reporter.line(f"{cfg.model.kind} model: {n_params / 1e6:.2f}M params, mesh "
                 f"{dict(setup.mesh.shape)}, {flops_token / 1e6:.1f} MFLOP/token, peak "
                 f"{peak / 1e9:.0f} GFLOP/s ({peak_src})")
-  example = engine.put_batch(setup, data.train.batch(0, rows), rows)
+  example = engine.put_batch(setup, {f: np.zeros((len(rows), d.seq_len), np.int32)
+                                     for f in pipeline.FIELDS}, rows)
   train_fn = compile_train_step(setup, state, example)
   eval_fn = compile_eval_step(setup, state["params"], example) if t.eval_every else None
 
@@ -186,18 +197,22 @@ def train(cfg, workdir: str, devices=None):
   meta = {"config": json.loads(cfg.to_json()), "data": data.identity,
           "layout": {"mesh": dict(setup.mesh.shape), "processes": jax.process_count()}}
   tokens_per_step = t.batch_size * d.seq_len
-  batches = pipeline.iterate(data.train, first, t.steps, rows, threads=d.workers)
+  batches = pipeline.iterate(data.train, first, t.steps, rows, threads=d.workers,
+                             put=lambda local: engine.put_batch(setup, local, rows))
   start = last = time.perf_counter()
   for step in range(first, t.steps):
     t0 = time.perf_counter()
-    batch = engine.put_batch(setup, next(batches), rows)
+    batch = next(batches)   # already on the devices
     data_time += time.perf_counter() - t0
     state, metrics = train_fn(state, batch)
     pending.append(metrics)
     done = step + 1
     saved = (done % t.checkpoint_every == 0 or done == t.steps or bool(stop)) and ckpts.save(
-        done, state, meta, force=True)
+        done, state, {**meta, "data_rows": data.train.rows_per_epoch()}, force=True)
     reporter.advance(1)
+    if saved and jax.process_index() == 0 and storage.is_remote(storage.checkpoints_of(workdir)):
+      reporter.flush()
+      storage.push(workdir)   # the bucket's metrics keep up with its checkpoints
     if done % t.log_every == 0 or done == t.steps:
       fetched = jax.device_get(pending)
       now = time.perf_counter()
@@ -224,7 +239,7 @@ def train(cfg, workdir: str, devices=None):
       last = time.perf_counter()   # eval time is not training throughput
     if stop:   # the signal may have arrived after this step's save decision
       if not saved:
-        ckpts.save(done, state, meta, force=True)
+        ckpts.save(done, state, {**meta, "data_rows": data.train.rows_per_epoch()}, force=True)
       reporter.line(f"SIGTERM: stopped after step {done}, checkpoint saved")
       break
   ckpts.wait()
