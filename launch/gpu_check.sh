@@ -9,7 +9,11 @@
 #      compile seconds, first step, step time, tokens/s, MFU, NULL/dense;
 #   4. a PyTorch peer of the same geometry and depth in the same call (--peer FILE: a script
 #      taking `LAYERS compile` and printing tokens/s), for the tokens/s ratio;
-#   5. the quickstart trained on the GPU: the fraction of each step spent waiting for data.
+#   5. the quickstart trained on the GPU: the fraction of each step spent waiting for data;
+#   6. the input pipeline on this host's CPUs: a generated corpus of one-document sources
+#      (`bench scale`, 600k of them: the stream's cost per record does not grow with the
+#      corpus) streamed in wiki_1b's 1024-token rows, against what the 1B model consumes
+#      (step 3's tokens/s).
 # Figures go to stdout and, as JSON lines, to $OUT/gpu_check.jsonl (or --out DIR).
 #
 #   launch/gpu_wheels.sh .whl                         # here, where PyPI is reachable
@@ -85,6 +89,11 @@ rows = rows[1:] or rows   # the first interval holds the compile
 print(json.dumps({"bench": "quickstart", "data_frac": sum(r["data_frac"] for r in rows) / len(rows),
                   "tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows)}))
 PY
+rm -rf /tmp/sinkformer-scale
+record scale timeout 150 $python -m sinkformer bench scale --docs "${SCALE_DOCS:-600000}" \
+  --dir /tmp/sinkformer-scale
+record stream timeout 90 $python -m sinkformer bench stream --data /tmp/sinkformer-scale/prepared \
+  --rows 16 --seq_len 1024 --workers 1,2,4
 echo "== summary ($log)"
 $python - "$log" <<'PY'
 import json, sys
@@ -108,4 +117,14 @@ for name, r in got.items():
   elif name == "quickstart":
     print(f"quickstart: data wait {100 * r['data_frac']:.1f}% of each step, "
           f"{r['tokens_per_s']:,.0f} tok/s")
+  elif name == "scale":
+    print(f"scale: prepare of {r['documents']:,} documents {r['prepare_s']:.0f} s, peak RSS "
+          f"{r['peak_rss_bytes'] / 2**30:.2f} GiB, resumed late epoch's first batch "
+          f"{r['late_epoch_first_batch_s']:.2f} s")
+  elif name == "stream":
+    best = max(v["tokens_per_s"] for v in r["per_thread_count"].values())
+    model = max((v["null_tokens_per_s"] for k, v in got.items() if k.startswith("mfu")),
+                default=None)
+    print(f"stream: {best:,.0f} tok/s in 16x1024 batches"
+          + (f" = {best / model:.1f}x what one GPU trains the 1B model at" if model else ""))
 PY

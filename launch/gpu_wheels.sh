@@ -11,5 +11,5 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
   -d "$out" "$(pin grain)" "$(pin array-record)" "$(pin ml-collections)" "$(pin tensorboardX)" \
-  portpicker==1.6.0
+  "$(pin psutil)" portpicker==1.6.0
 ls -1 "$out"
