@@ -205,6 +205,9 @@ def test_train_on_prepared_data_and_refuse_other_data(prepared, smoke_cfg, tmp_p
   # serving a run on prepared text: SentencePiece prompts, router over its sources, refusals
   from sinkformer.serve import serving, switchboard
   server = serving.Server(str(tmp_path / "run"))
+  # the router chooses among the sources the run trained on: never a held-out one
+  np.testing.assert_array_equal(np.sort(server.router.ids), d.trained_sources())
+  assert not np.isin(server.router.ids, held).any()
   out = server.generate(["Entity 3 is a"], "route")[0]
   assert out["source"] and isinstance(out["text"], str) and out["policy"] == "exclude"
   server.board.unlearn(["entity 3"], "test")
@@ -235,6 +238,25 @@ def test_config_tokenizer_hash_and_exclusions_are_checked(prepared, smoke_cfg):
   d = pipeline.load(cfg)
   ids = d.seen.rows(np.arange(d.seen.epoch_rows(0)))["source_ids"]
   assert not np.isin(ids, [2, 3, 5]).any() and np.isin(ids, [4]).any()
+
+
+def test_the_oracle_trains_on_the_model_data_minus_exactly_the_forget_set(prepared, smoke_cfg):
+  model = pipeline.load(_prepared_cfg(smoke_cfg, prepared[0]))
+  trained = model.trained_sources()
+  forget = trained[[0, 3, 7]]   # sources the model trained on
+  oracle_cfg = _prepared_cfg(smoke_cfg, prepared[0])
+  oracle_cfg.data.exclude = ",".join(f"id:{i}" for i in forget)
+  oracle = pipeline.load(oracle_cfg)
+  docs = model.seen.docs
+  forget_docs = np.isin(docs.source_ids, forget)
+  assert forget_docs.any()
+  np.testing.assert_array_equal(oracle.unseen.keep, model.unseen.keep)   # same held-out set
+  np.testing.assert_array_equal(oracle.seen.keep, model.seen.keep & ~forget_docs)
+  np.testing.assert_array_equal(oracle.trained_sources(), np.setdiff1d(trained, forget))
+  # the same documents in the same order, the forget set's taken out
+  order = lambda d: d.seen._plan(0)[0][np.r_[True, np.diff(d.seen._plan(0)[0]) != 0]]
+  np.testing.assert_array_equal(order(oracle), order(model)[~np.isin(order(model),
+                                                                     np.flatnonzero(forget_docs))])
 
 
 def test_r_lazyload_reader(tmp_path):

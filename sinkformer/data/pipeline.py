@@ -319,6 +319,11 @@ class Data:
   sources: list = dataclasses.field(default_factory=list)   # [(id, key, title, group,
                                                             #   documents, tokens)]
 
+  def trained_sources(self) -> np.ndarray:
+    """Ids (as in training) of the sources whose documents the run trains on: not the
+    held-out or excluded ones, whose sinks never learned anything."""
+    return np.unique(np.concatenate([s.docs.source_ids[s.keep] for s in self.train.streams]))
+
 
 def parse_refs(value: str) -> list[str]:
   """'a,b,c' or '@file' (one reference per line) -> references; '' -> []."""
@@ -477,7 +482,9 @@ def _selection(docs: DocSet, cfg) -> tuple[np.ndarray, np.ndarray]:
   finally:
     cat.close()
   ids = np.unique(docs.source_ids)
-  candidates = np.setdiff1d(ids, np.concatenate([excluded, held]))
+  # Drawn before exclusion: a retrain oracle (data.exclude = the forget set) holds out the
+  # very sources its model held out, and trains on the model's documents minus the forget set.
+  candidates = np.setdiff1d(ids, held)
   count = min(d.val_sources, len(candidates) - 1)
   drawn = np.random.default_rng((d.seed, 1)).choice(candidates, count, replace=False)
   held = np.concatenate([held, drawn])

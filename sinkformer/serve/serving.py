@@ -90,7 +90,7 @@ def source_openings(cfg, identity: dict, ids: np.ndarray) -> list[np.ndarray]:
   for position, i in enumerate(ids):
     c, index = first[int(i)]
     wanted.setdefault(c, []).append((position, index))
-  for c, items in wanted.items():   # one read per corpus: reads are batched per shard
+  for c, items in wanted.items():   # one read call per corpus
     for (position, _), tokens in zip(items, corpora[c].read([index for _, index in items])):
       out[position] = tokens[:OPENING]
   return out
@@ -174,18 +174,22 @@ class Server:
     if self._router is None:
       path = os.path.join(self.run_dir, "router.npz")
       saved = np.load(path) if os.path.exists(path) else None
-      if saved is not None and (int(saved["step"]), str(saved.get("text"))) == (
-          self.step, self.router_text):
+      if saved is not None and (int(saved["step"]), str(saved.get("text")),
+                                str(saved.get("candidates"))) == (self.step, self.router_text,
+                                                                  "trained"):
         self._router = Router(saved["ids"], saved["vectors"])
-      else:
-        rows = self.board.page(None, 0, 2**31)
+      else:   # candidates: the sources trained on (held-out sinks never learned anything)
+        cfg, _ = engine.trained_config(self.run_dir)
+        trained = set(pipeline.load(cfg, log=lambda *_: None).trained_sources().tolist())
+        rows = [r for r in self.board.page(None, 0, 2**31) if r["id"] in trained]
         ids = np.asarray([r["id"] for r in rows], np.int32)
         vectors = Router.embed(self.setup, self.params, [self.encode(r["title"]) for r in rows])
         if self.router_text == "title+opening":
           openings = source_openings(self.cfg, self.identity, ids)
           vectors = vectors + Router.embed(self.setup, self.params, [list(o) for o in openings])
           vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        np.savez(path, ids=ids, vectors=vectors, step=self.step, text=self.router_text)
+        np.savez(path, ids=ids, vectors=vectors, step=self.step, text=self.router_text,
+                 candidates="trained")
         self._router = Router(ids, vectors)
     return self._router
 
@@ -251,8 +255,9 @@ class Server:
 
 
 def routing_accuracy(server: Server, limit: int = 1000) -> tuple[float, int]:
-  """Top-1 accuracy of routing each surviving source's title to that source."""
-  rows = server.board.page("active", 0, limit)
+  """Top-1 accuracy of routing each surviving trained source's title to that source."""
+  candidates = set(server.router.ids.tolist())
+  rows = [r for r in server.board.page("active", 0, 2**31) if r["id"] in candidates][:limit]
   queries = Router.embed(server.setup, server.params, [server.encode(r["title"]) for r in rows])
   routed = server.router.rank(queries, server.alive())
   return float(np.mean(routed == np.asarray([r["id"] for r in rows]))), len(rows)
