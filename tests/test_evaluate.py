@@ -2,7 +2,6 @@
 -> tables, plots and the one-page summary."""
 
 import json
-import math
 import subprocess
 import sys
 
@@ -57,11 +56,19 @@ def test_oracle_and_facts_suite(tmp_path):
     assert out.returncode == 0, out.stderr
     rows = json.loads((run / "eval" / f"{suite}.json").read_text())["rows"]
     assert {r["condition"] for r in rows} == conditions and all(column in r for r in rows)
+  extraction = json.loads((run / "eval" / "extraction.json").read_text())["rows"]
+  for r in extraction:   # greedy and teacher-forced decoding agree where they must
+    assert r["first_token_agrees"] == 1.0
+    assert r["exact_memorization"] >= r["extraction_strength"]   # a right suffix is right
   mia = json.loads((run / "eval" / "mia.json").read_text())
   assert mia["documents"] == {"forget": 3, "holdout": 6}
   assert all(r["forget_loss"] > 0 and r["holdout_loss"] > 0 for r in mia["rows"])
-  assert all(r["privleak"] == 0 or math.isnan(r["privleak"]) for r in mia["rows"]
-             if r["condition"] == "retrain")
+  retrain = {r["score"]: r["muse_auc"] for r in mia["rows"] if r["condition"] == "retrain"}
+  for r in mia["rows"]:   # MUSE's orientation and formula, row by row
+    assert r["muse_auc"] == pytest.approx(1 - r["auc"])
+    if retrain[r["score"]] > 0:
+      assert r["privleak"] == pytest.approx(
+          100 * (r["muse_auc"] - retrain[r["score"]]) / retrain[r["score"]])
 
   bench = cli("bench", "probes", "--run", str(run), "--facts", f"{enc}/facts.jsonl", "--count",
               "50", env_dir=tmp_path)
@@ -83,6 +90,9 @@ def test_oracle_and_facts_suite(tmp_path):
                                                    "sink-off/route", "backbone", "retrain"}
   for name, acr in gcg["acr"].items():   # found at length L: ACR = 6 / L
     assert len(acr) == 3 and all(a in (None, 3.0, 1.5) for a in acr)
+    row = next(r for r in gcg["rows"] if r["condition"] == name)   # failures count as 0
+    assert row["median_acr"] == sorted(a or 0.0 for a in acr)[1]
+    assert row["memorised"] == sum(a is not None and a > 1 for a in acr) / 3
 
   # the dense control, an NPO copy of it, and the relearning attack on everything
   dense, npo = tmp_path / "dense", tmp_path / "npo"

@@ -45,7 +45,9 @@ def test_membership_scores():
   # p = [1/2, 1/4, 1/4]: mu = -1.5 ln2, sigma = 0.5 ln2 -> z = +1 for token 0, -1 for token 1
   logits = np.log([[0.5, 0.25, 0.25], [0.5, 0.25, 0.25]])
   np.testing.assert_allclose(metrics.token_zscores(logits, [0, 1]), [1.0, -1.0], atol=1e-9)
-  assert metrics.min_k_plus_plus_score(logits, [0, 1], 0.5) == pytest.approx(1.0)
+  logp = np.log([0.5, 0.25])
+  mu, sigma = [-1.5 * np.log(2)] * 2, [0.5 * np.log(2)] * 2
+  assert metrics.min_k_plus_plus_score(logp, mu, sigma, 0.5) == pytest.approx(1.0)
 
 
 def test_auc_and_privleak():
@@ -53,7 +55,16 @@ def test_auc_and_privleak():
   assert metrics.auc([3, 4], [1, 2]) == 0.0
   assert metrics.auc([1, 2], [1, 2]) == 0.5      # indistinguishable (ties count half)
   assert metrics.auc([1, 3], [2, 2]) == 0.5
-  assert metrics.privleak(0.6, 0.5) == pytest.approx(20.0)
+  # MUSE's orientation (forget = label 0, scored by -score): a model that memorised the
+  # forget set (low losses there) gets AUC 0, so its PrivLeak against a retrain at 0.5 is
+  # -100% (MUSE's tables: about -99.8% for the target model); over-unlearning is positive.
+  memorised, never_seen = [0.5, 1.0, 1.5], [2.0, 2.5, 3.0]
+  assert metrics.muse_auc(memorised, never_seen) == 0.0
+  assert metrics.privleak(metrics.muse_auc(memorised, never_seen), 0.5) == pytest.approx(-100.0)
+  assert metrics.privleak(metrics.muse_auc(never_seen, memorised), 0.5) == pytest.approx(100.0)
+  # a hand case: forget [1, 3], holdout [2, 4]: pairs (h < f) = (2 < 3) -> 1/4
+  assert metrics.muse_auc([1, 3], [2, 4]) == pytest.approx(0.25)
+  assert metrics.privleak(0.25, 0.5) == pytest.approx(-50.0)
   assert math.isnan(metrics.privleak(0.6, 0.0))
 
 

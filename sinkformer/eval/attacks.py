@@ -127,12 +127,15 @@ def gcg_suite(ctx: Context) -> dict:
     found[name] = acr
     rows.append({"condition": name, "targets": len(docs), "found": len(hits) / len(docs),
                  "memorised": sum(a > 1 for a in hits) / len(docs),
+                 # over every target, a failed search counting as ACR 0: a mean over found
+                 # prompts alone flatters a model where few are found
+                 "median_acr": float(np.median([a or 0.0 for a in acr])),
                  "mean_acr_found": float(np.mean(hits)) if hits else None,
                  "mean_target_nll": float(np.mean([r["loss"] for r in results]))})
     print(f"gcg {name}: {len(hits)}/{len(docs)} targets reproduced", flush=True)
   result = {"run": ctx.run, "oracle": ctx.oracle, "budget": dict(g), "acr": found, "rows": rows}
   write_table(ctx.out, "gcg", result, ["condition", "targets", "found", "memorised",
-                                       "mean_acr_found", "mean_target_nll"])
+                                       "median_acr", "mean_acr_found", "mean_target_nll"])
   plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   ax.bar(range(len(rows)), [r["memorised"] for r in rows])

@@ -305,7 +305,11 @@ def doc_condition(scorer: Scorer, name: str, docs):
 def mia_suite(ctx: Context) -> dict:
   """Membership-inference AUCs (forget vs never-seen documents) for the loss, zlib, Min-K%
   and Min-K%++ scores under every condition, PrivLeak against the retrain oracle, and the
-  mean loss on forgotten vs never-seen documents (memory left behind)."""
+  mean loss on forgotten vs never-seen documents (memory left behind).
+
+  `auc` is the membership AUC (1: the forget set looks trained on, 0.5: it does not);
+  `muse_auc` = 1 - auc is MUSE's orientation, and `privleak` is MUSE's PrivLeak on it, so
+  the min_k row (k = 40%) sits next to MUSE's and OpenUnlearning's tables."""
   rows, aucs, means = [], {}, {}
   conditions = ctx.conditions()
   forget_docs, holdout_docs = documents(ctx.run, conditions[0][1].forget)
@@ -320,18 +324,20 @@ def mia_suite(ctx: Context) -> dict:
           "loss": [metrics.loss_score(s["logp"]) for s in stats],
           "zlib": [metrics.zlib_score(s["logp"], tok.decode(t)) for s, (_, t) in zip(stats, docs)],
           "min_k": [metrics.min_k_score(s["logp"]) for s in stats],
-          "min_k_pp": [metrics.min_k_score((s["logp"] - s["mu"]) / s["sigma"]) for s in stats]}
+          "min_k_pp": [metrics.min_k_plus_plus_score(s["logp"], s["mu"], s["sigma"])
+                       for s in stats]}
     aucs[name] = {k: metrics.auc(scores["forget"][k], scores["holdout"][k]) for k in scores["forget"]}
     means[name] = {split: float(np.mean(scores[split]["loss"])) for split in scores}
   for name, by_score in aucs.items():
     for score_name, value in by_score.items():
+      retrain = 1.0 - aucs["retrain"][score_name]
       rows.append({"condition": name, "score": score_name, "auc": value,
-                   "privleak": metrics.privleak(value, aucs["retrain"][score_name]),
+                   "muse_auc": 1.0 - value, "privleak": metrics.privleak(1.0 - value, retrain),
                    "forget_loss": means[name]["forget"], "holdout_loss": means[name]["holdout"]})
   result = {"run": ctx.run, "oracle": ctx.oracle, "rows": rows,
             "documents": {"forget": len(forget_docs), "holdout": len(holdout_docs)}}
-  write_table(ctx.out, "mia", result, ["condition", "score", "auc", "privleak", "forget_loss",
-                                       "holdout_loss"])
+  write_table(ctx.out, "mia", result, ["condition", "score", "auc", "muse_auc", "privleak",
+                                       "forget_loss", "holdout_loss"])
   write_page(ctx.out)
   return result
 
@@ -339,7 +345,9 @@ def mia_suite(ctx: Context) -> dict:
 def extraction_suite(ctx: Context, length: int = PREFIX) -> dict:
   """Verbatim extraction: the first PREFIX tokens of each forget document as the prompt, a
   greedy continuation of `length` tokens, extracted when ROUGE-L recall or edit similarity
-  with the true continuation is >= 0.9; the rate per condition."""
+  with the true continuation is >= 0.9; the rate per condition. With the continuation
+  teacher-forced: exact memorisation (tokens the argmax gets right) and extraction strength
+  (the longest right suffix), as TOFU/OpenUnlearning define them."""
   rows = []
   conditions = ctx.conditions()
   docs = [(s, t) for s, t in documents(ctx.run, conditions[0][1].forget)[0]
@@ -353,13 +361,25 @@ def extraction_suite(ctx: Context, length: int = PREFIX) -> dict:
                           generate.Sampling(max_new=length), mode, eos=-1)
     truth = [list(t[PREFIX + 1:PREFIX + 1 + length]) for _, t in docs]
     rouge = [metrics.rouge_l_recall(o, t) for o, t in zip(out, truth)]
+    forced = [s["argmax"][PREFIX:] for s in generate.token_stats(   # teacher-forced
+        scorer.server.setup, scorer.server.params,
+        [list(t[:PREFIX + 1 + length]) for _, t in docs], sources, exclude, mode)]
     rows.append({"condition": name, "documents": len(docs),
                  "extraction_rate": float(np.mean([metrics.extracted(o, t)
                                                    for o, t in zip(out, truth)])),
-                 "mean_rouge_l": float(np.mean(rouge))})
+                 "mean_rouge_l": float(np.mean(rouge)),
+                 "exact_memorization": float(np.mean([metrics.exact_memorization(a, t)
+                                                      for a, t in zip(forced, truth)])),
+                 "extraction_strength": float(np.mean([metrics.extraction_strength(a, t)
+                                                       for a, t in zip(forced, truth)])),
+                 # the greedy continuation's first token is the teacher-forced argmax there:
+                 # 1.0 unless the two are misaligned
+                 "first_token_agrees": float(np.mean([len(o) > 0 and o[0] == a[0]
+                                                      for o, a in zip(out, forced)]))})
   result = {"run": ctx.run, "oracle": ctx.oracle, "rows": rows}
   write_table(ctx.out, "extraction", result, ["condition", "documents", "extraction_rate",
-                                              "mean_rouge_l"])
+                                              "mean_rouge_l", "exact_memorization",
+                                              "extraction_strength"])
   write_page(ctx.out)
   return result
 

@@ -95,8 +95,8 @@ def min_k_score(token_logps, k: float = 0.4) -> float:
 
 
 def token_zscores(logits, targets) -> np.ndarray:
-  """Min-K%++'s per-token z: (log p(target) - mu) / sigma, mu and sigma of log p(v) under
-  the model's own distribution over the vocabulary at that position. logits [T, V]."""
+  """Min-K%++'s per-token z from logits [T, V] (the reference formula; the suites get log p,
+  mu and sigma from the jitted generate.token_stats and call min_k_plus_plus_score)."""
   logits = np.asarray(logits, float)
   logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
   p = np.exp(logp)
@@ -105,25 +105,39 @@ def token_zscores(logits, targets) -> np.ndarray:
   return (logp[np.arange(len(targets)), targets] - mu) / sigma
 
 
-def min_k_plus_plus_score(logits, targets, k: float = 0.4) -> float:
-  """Min-K%++: Min-K% over the z-scored token log-probs."""
-  return min_k_score(token_zscores(logits, targets), k)
+def min_k_plus_plus_score(token_logps, mu, sigma, k: float = 0.4) -> float:
+  """Min-K%++: Min-K% over the z-scored token log-probs, z = (log p(target) - mu) / sigma
+  with mu and sigma of log p(v) under the model's own distribution at that position."""
+  z = (np.asarray(token_logps, float) - np.asarray(mu, float)) / np.asarray(sigma, float)
+  return min_k_score(z, k)
 
 
 def auc(forget_scores, holdout_scores) -> float:
-  """P(a never-seen document scores higher than a forgotten one), ties counted half."""
+  """Membership AUC of loss-like scores (lower = more member-like): P(a never-seen document
+  scores higher than a forgotten one), ties counted half. 1: the forgotten documents look
+  like members; 0.5: indistinguishable."""
   f, h = np.asarray(forget_scores, float), np.asarray(holdout_scores, float)
   greater = (h[:, None] > f[None, :]).mean()
   ties = (h[:, None] == f[None, :]).mean()
   return float(greater + 0.5 * ties)
 
 
-def privleak(auc_unlearned: float, auc_retrain: float) -> float:
-  """(AUC_unlearned - AUC_retrain) / AUC_retrain * 100: ~0 is ideal (NaN when AUC_retrain
-  is 0, where it is undefined)."""
-  if auc_retrain == 0:
+def muse_auc(forget_scores, holdout_scores) -> float:
+  """The AUC as MUSE orients it (forget = label 0, holdout = label 1, scored by -score):
+  P(a never-seen document scores lower than a forgotten one), i.e. 1 - auc. A model that
+  memorised the forget set gets ~0, a retrain ~0.5."""
+  return 1.0 - auc(forget_scores, holdout_scores)
+
+
+def privleak(muse_auc_unlearned: float, muse_auc_retrain: float) -> float:
+  """MUSE's PrivLeak in %: (AUC_unlearned - AUC_retrain) / AUC_retrain * 100 with both AUCs
+  oriented as MUSE orients them (`muse_auc`, on Min-K% with k = 40% in MUSE's tables). ~0 is
+  ideal; strongly negative: the forget set still looks trained on (under-unlearning);
+  positive: it looks less trained on than never-seen text (over-unlearning). NaN when
+  AUC_retrain is 0, where it is undefined."""
+  if muse_auc_retrain == 0:
     return float("nan")
-  return (auc_unlearned - auc_retrain) / auc_retrain * 100.0
+  return (muse_auc_unlearned - muse_auc_retrain) / muse_auc_retrain * 100.0
 
 
 def edit_similarity(a, b) -> float:

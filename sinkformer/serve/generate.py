@@ -244,19 +244,20 @@ def _score(setup, mode: str, params, batch, exclude):
 
 @partial(jax.jit, static_argnums=(0, 1))
 def _token_stats(setup, mode: str, params, batch, exclude):
-  """Per target token: log p(target), and the mean and std of log p(v) under the model's own
-  distribution (what Min-K%++ normalises by)."""
+  """Per target token: log p(target), the mean and std of log p(v) under the model's own
+  distribution (what Min-K%++ normalises by), and the teacher-forced argmax."""
   logp = jax.nn.log_softmax(engine.logits_in_mode(setup, params, batch, mode, exclude), -1)
   target = jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
   p = jnp.exp(logp)
   mu = (p * logp).sum(-1)
   sigma = jnp.sqrt(jnp.maximum((p * logp ** 2).sum(-1) - mu ** 2, 1e-12))
-  return target, mu, sigma
+  return target, mu, sigma, jnp.argmax(logp, -1)
 
 
 def token_stats(setup: engine.Setup, params, documents: list[list[int]], row_sources, exclude,
                 mode: str = "source", batch_size: int = 32) -> list[dict]:
-  """For each document (token ids, BOS first): per-token log p, mu and sigma of its targets."""
+  """For each document (token ids, BOS first): per target token log p, mu, sigma (Min-K%++)
+  and the teacher-forced argmax."""
   n = len(documents)
   rows = answer_rows([[d[0]] for d in documents], [list(d[1:]) for d in documents], row_sources,
                batch_size)
@@ -265,7 +266,8 @@ def token_stats(setup: engine.Setup, params, documents: list[list[int]], row_sou
     got = [np.asarray(x) for x in _token_stats(setup, mode, params, batch, exclude)]
     for r in range(min(n, start + batch_size) - start):
       keep = batch["loss_mask"][r].astype(bool)
-      out.append({"logp": got[0][r][keep], "mu": got[1][r][keep], "sigma": got[2][r][keep]})
+      out.append({"logp": got[0][r][keep], "mu": got[1][r][keep], "sigma": got[2][r][keep],
+                  "argmax": got[3][r][keep]})
   return out
 
 
