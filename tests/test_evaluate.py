@@ -5,7 +5,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+from sinkformer.eval import metrics
 
 FORGET = "person-000001,person-000002,person-000003"
 
@@ -47,6 +50,11 @@ def test_oracle_and_facts_suite(tmp_path):
   assert {r["n"] for r in forget_unique} == {12}   # 3 sources x 4 unique facts
   assert all(0 <= r["forget_quality"] <= 1 for r in forget_unique if r["condition"] != "retrain")
   assert [r["forget_quality"] for r in forget_unique if r["condition"] == "retrain"] == [None]
+  for r in forget_unique:   # the row's aggregates are TOFU's, on the row's own items
+    unique = np.asarray(result["categories"]["forget"]) == "unique"
+    trs = np.asarray(result["truth_ratios"][r["condition"]]["forget"])[unique]
+    assert r["tofu_tr"] == pytest.approx(metrics.tofu_forget(trs))
+    assert r["mean_tr"] == pytest.approx(trs.mean())
   assert (run / "eval" / "facts_truth_ratio.png").stat().st_size > 10_000
   assert "| forget | unique | sink-on |" in (run / "eval" / "facts.md").read_text()
 
