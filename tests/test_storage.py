@@ -36,9 +36,34 @@ def _point_clients_at(url: str):
   storage._checked.clear()
 
 
+def _send_generations():
+  """The emulator leaves out the x-goog-generation header of downloads, which TensorStore
+  reads (OCDBT's manifest updates are conditional on it): add it, as GCS sends it."""
+  from http import HTTPStatus
+
+  from gcp_storage_emulator import server
+  from gcp_storage_emulator.handlers import objects
+  plain = getattr(objects.download, "plain", objects.download)
+
+  def download(request, response, storage, *args, **kwargs):
+    plain(request, response, storage, *args, **kwargs)
+    if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+      response["x-goog-generation"] = str(obj["generation"])
+      response["x-goog-metageneration"] = str(obj["metageneration"])
+
+  download.plain = plain
+  objects.download = download   # objects.get(alt=media) looks it up at call time
+  for _, methods in server.HANDLERS:
+    for method, handler in methods.items():
+      if handler is plain:
+        methods[method] = download
+
+
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory):
   from gcp_storage_emulator.server import create_server
+  _send_generations()
   port = _free_port()
   server = create_server("localhost", port, in_memory=True, default_bucket="bkt")
   server.start()
