@@ -44,9 +44,11 @@ def base() -> ml_collections.ConfigDict:
   # them. The router embeds each source's title+opening (or its title only).
   c.unlearn = dict(policy="exclude", router="title+opening", allow_reactivation=False)
   # Measuring forgetting (sinkformer eval): the relearning attack (the mask active while the
-  # attacker fine-tunes), GCG extraction budgets (prompt lengths tried shortest first), and
+  # attacker fine-tunes; the learning rates it sweeps, keeping the best per model; a split
+  # within or across sources), GCG extraction budgets (prompt lengths tried shortest first), and
   # the capability suite's sample sizes.
-  c.eval = dict(relearn=dict(steps=10, lr=1e-3, mask="sink-off/exclude"),
+  c.eval = dict(relearn=dict(steps=10, lrs=(3e-4, 1e-3, 3e-3), split="auto",
+                             mask="sink-off/exclude"),
                 gcg=dict(targets=8, target_len=16, lengths=(2, 4, 8, 16), steps=20, top_k=32,
                          candidates=64, init="prefix"),
                 capability=dict(clozes=400, documents=256, bootstrap=1000))
@@ -153,7 +155,10 @@ def validate_eval(e):
                 "capability.bootstrap"):
     section, name = field.split(".")
     _require(e[section][name] > 0, f"eval.{field}", f"must be positive, got {e[section][name]}")
-  _require(e.relearn.lr > 0, "eval.relearn.lr", f"must be positive, got {e.relearn.lr}")
+  _require(len(e.relearn.lrs) > 0 and all(lr > 0 for lr in e.relearn.lrs), "eval.relearn.lrs",
+           f"must be positive learning rates, got {tuple(e.relearn.lrs)}")
+  _require(e.relearn.split in ("auto", "within", "across"), "eval.relearn.split",
+           f"{e.relearn.split!r} is not 'auto', 'within' or 'across'")
   _require(e.gcg.init in ("prefix", "random"), "eval.gcg.init",
            f"{e.gcg.init!r} is not 'prefix' or 'random'")
   lengths = list(e.gcg.lengths)

@@ -118,6 +118,11 @@ def test_oracle_and_facts_suite(tmp_path):
   relearn = json.loads((run / "eval" / "relearn.json").read_text())
   assert set(relearn["curves"]) == {"sink-off/exclude", "retrain", "dense", "npo"}
   assert relearn["documents"] == {"finetune": 2, "measured": 1, "measured_facts": 7}
+  assert relearn["split"] == "across"   # one document per person: sources against sources
+  for label, curve in relearn["curves"].items():   # the attacker's best rate, per model
+    sweep = relearn["sweep_final_nll"][label]
+    assert len(sweep) == 3 and curve["nll"][-1] == min(sweep.values())
+    assert sweep[str(relearn["lr"][label])] == curve["nll"][-1]
   for curve in relearn["curves"].values():   # NLL and each category's log TR, steps 0..2
     assert set(curve) == {"nll", "log_tr/unique", "log_tr/shared", "log_tr/inferred"}
     assert all(len(values) == 3 for values in curve.values())

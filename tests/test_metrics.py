@@ -6,6 +6,7 @@ import zlib
 import numpy as np
 import pytest
 
+from sinkformer.errors import UserError
 from sinkformer.eval import metrics
 
 
@@ -78,3 +79,17 @@ def test_verbatim_extraction_perplexity_acr_and_ci():
   assert metrics.adversarial_compression_ratio(32, 16) == 2.0
   low, high = metrics.bootstrap_ci(np.arange(100.0))
   assert low < 49.5 < high and high - low < 25
+
+
+def test_the_relearning_split_within_and_across_sources():
+  from sinkformer.eval import attacks
+  docs = [(1, "a1"), (1, "a2"), (1, "a3"), (2, "b1"), (3, "c1"), (3, "c2")]
+  a, b, split = attacks.relearn_split(docs, "auto")   # a book's chapters: within
+  assert split == "within"
+  assert a == [(1, "a1"), (1, "a3"), (2, "b1"), (3, "c1")] and b == [(1, "a2"), (3, "c2")]
+  a, b, split = attacks.relearn_split(docs, "across")
+  assert (a, b) == ([(1, "a1"), (1, "a2"), (1, "a3"), (3, "c1"), (3, "c2")], [(2, "b1")])
+  a, b, split = attacks.relearn_split([(1, "x"), (2, "y"), (3, "z")], "auto")
+  assert split == "across" and a == [(1, "x"), (3, "z")] and b == [(2, "y")]
+  with pytest.raises(UserError, match="relearn.split=across"):
+    attacks.relearn_split([(1, "x"), (2, "y")], "within")

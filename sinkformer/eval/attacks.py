@@ -15,10 +15,42 @@ from sinkformer.eval.evaluate import (Context, categories, doc_condition, docume
                                  load_facts, pyplot, write_page, write_table)
 
 
+def relearn_split(docs, split: str):
+  """(documents to fine-tune on, documents to measure, the split used) of forget documents
+  [(source id, tokens)]. "within": every source with several documents (a book's chapters)
+  gives alternate ones to each side, so the attack relearns a source from part of it and is
+  measured on the rest (the paper's design; a one-document source is fine-tuned on only);
+  "across": alternate sources go to each side (relearning one source from others); "auto":
+  within when some source has several documents, else across."""
+  by_source = {}
+  for doc in docs:
+    by_source.setdefault(doc[0], []).append(doc)
+  if split == "auto":
+    split = "within" if any(len(d) > 1 for d in by_source.values()) else "across"
+  if split == "within":
+    part_a = [d for ds in by_source.values() for d in ds[::2]]
+    part_b = [d for ds in by_source.values() for d in ds[1::2]]
+    if not part_b:
+      raise UserError("no forget source has two documents to split: use --set "
+                      "relearn.split=across")
+  else:
+    sources = list(by_source)
+    part_a = [d for src in sources[::2] for d in by_source[src]]
+    part_b = [d for src in sources[1::2] for d in by_source[src]]
+    if not part_b:
+      raise UserError("the across-sources relearning attack needs at least two forget sources")
+  return part_a, part_b, split
+
+
 def relearn_suite(ctx: Context) -> dict:
-  """Fine-tune each model on half of the forget documents (A) for `relearn.steps` steps and,
-  after each step, measure the mean token NLL of the other half (B) and, with probe facts,
-  the mean log Truth Ratio of the facts about B's sources (per category).
+  """Fine-tune each model on part of the forget documents (A, relearn_split) for
+  `relearn.steps` steps and, after each step, measure the mean token NLL of the rest (B)
+  and, with probe facts, the mean log Truth Ratio of the facts about B's sources.
+
+  The attacker sweeps `relearn.lrs` and keeps, per model, the rate that brings B's NLL
+  lowest (a strong attacker: at too high a rate fine-tuning only damages a model, which
+  measures damage, not relearning); the curves shown are at that rate, the sweep's final
+  NLLs are in the result.
 
   The mask active while the attacker fine-tunes (and while B is measured) is
   `relearn.mask` for the NULL and the oracle: sink-off/exclude (default: the deployed path,
@@ -30,65 +62,77 @@ def relearn_suite(ctx: Context) -> dict:
   conditions = ctx.conditions([s.mask])
   cap = engine.load_config(ctx.run).data.seq_len
   docs = documents(ctx.run, conditions[0][1].forget, cap=cap)[0]
-  if len(docs) < 2:
-    raise UserError("the relearning attack needs at least two forget documents")
-  part_a, part_b = docs[::2], docs[1::2]
+  part_a, part_b, split = relearn_split(docs, s.split)
   cat = conditions[0][1].server.board.catalog
-  measured = {cat.get(src)["key"] for src, _ in part_b} - {cat.get(src)["key"] for src, _ in part_a}
+  measured = {cat.get(src)["key"] for src, _ in part_b}
+  if split == "across":
+    measured -= {cat.get(src)["key"] for src, _ in part_a}
   facts = [f for f in load_facts(ctx.probes) if f["source"] in measured] if ctx.probes else []
 
-  curves = {}
+  curves, chosen, sweep = {}, {}, {}
   for label, scorer in conditions:
     name = s.mask if label == "retrain" else label   # the oracle: same mask as the NULL
     batches = {}
-    for part, chosen in (("a", part_a), ("b", part_b)):
-      sources, mode, exclude = doc_condition(scorer, name, chosen)
-      batches[part] = posthoc.rows([list(t) for _, t in chosen], sources, 8)
-    tuner = posthoc.Finetuner(scorer.server.setup, scorer.server.params, "relearn", s.lr,
-                              mode=mode, exclude=exclude)
-    curve = {}
-
-    def measure():
-      curve.setdefault("nll", []).append(
-          posthoc.nll(scorer.server.setup, tuner.params, batches["b"], mode, exclude))
-      if facts:
-        tr = fact_truth_ratios(scorer, name, facts, tuner.params)
-        for category in categories(facts):
-          mask = np.asarray([f["category"] == category for f in facts])
-          curve.setdefault(f"log_tr/{category}", []).append(float(np.mean(np.log(tr[mask]))))
-
-    measure()
-    for i in range(s.steps):
-      tuner.step(batches["a"][i % len(batches["a"])])
-      measure()
-    curves[label] = curve
+    for part, docs_ in (("a", part_a), ("b", part_b)):
+      sources, mode, exclude = doc_condition(scorer, name, docs_)
+      batches[part] = posthoc.rows([list(t) for _, t in docs_], sources, 8)
+    runs = {lr: _relearn(scorer, name, batches, facts, lr, s.steps, mode, exclude)
+            for lr in s.lrs}
+    sweep[label] = {str(lr): curve["nll"][-1] for lr, curve in runs.items()}
+    chosen[label] = min(runs, key=lambda lr: runs[lr]["nll"][-1])
+    curves[label] = runs[chosen[label]]
 
   rows = []
   for label, curve in curves.items():
     for metric, values in curve.items():
-      rows.append({"condition": label, "metric": metric, "before": values[0],
-                   "after": values[-1], "change": values[-1] - values[0]})
-  result = {"run": ctx.run, "oracle": ctx.oracle, "steps": s.steps, "lr": s.lr,
+      rows.append({"condition": label, "lr": chosen[label], "metric": metric,
+                   "before": values[0], "after": values[-1], "change": values[-1] - values[0]})
+  result = {"run": ctx.run, "oracle": ctx.oracle, "steps": s.steps, "lrs": list(s.lrs),
+            "lr": chosen, "sweep_final_nll": sweep, "split": split,
             "attack_mask": f"{s.mask} for the NULL and the oracle; own path otherwise",
             "documents": {"finetune": len(part_a), "measured": len(part_b),
                           "measured_facts": len(facts)},
             "curves": curves, "rows": rows}
-  write_table(ctx.out, "relearn", result, ["condition", "metric", "before", "after", "change"])
-  _plot_curves(ctx.out, curves, s.mask)
+  write_table(ctx.out, "relearn", result, ["condition", "lr", "metric", "before", "after",
+                                           "change"])
+  _plot_curves(ctx.out, curves, s.mask, chosen)
   write_page(ctx.out)
   return result
 
 
-def _plot_curves(out_dir: str, curves: dict, mask: str):
+def _relearn(scorer, name, batches, facts, lr, steps, mode, exclude) -> dict:
+  """One fine-tune at `lr`: the curves of B's NLL (and facts' log TR) from step 0."""
+  tuner = posthoc.Finetuner(scorer.server.setup, scorer.server.params, "relearn", lr,
+                            mode=mode, exclude=exclude)
+  curve = {}
+
+  def measure():
+    curve.setdefault("nll", []).append(
+        posthoc.nll(scorer.server.setup, tuner.params, batches["b"], mode, exclude))
+    if facts:
+      tr = fact_truth_ratios(scorer, name, facts, tuner.params)
+      for category in categories(facts):
+        mask = np.asarray([f["category"] == category for f in facts])
+        curve.setdefault(f"log_tr/{category}", []).append(float(np.mean(np.log(tr[mask]))))
+
+  measure()
+  for i in range(steps):
+    tuner.step(batches["a"][i % len(batches["a"])])
+    measure()
+  return curve
+
+
+def _plot_curves(out_dir: str, curves: dict, mask: str, lrs: dict):
   plt = pyplot()
   metrics = list(dict.fromkeys(m for c in curves.values() for m in c))
   fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
   for ax, metric in zip(axes[0], metrics):
     for label, curve in curves.items():
-      ax.plot(range(len(curve[metric])), curve[metric], marker="o", label=label)
-    ax.set_xlabel(f"fine-tuning steps on half of the forget set (mask: {mask})")
-    ax.set_ylabel("NLL per token on the other half" if metric == "nll"
-                  else f"mean {metric.replace('/', ' of ')} facts of the other half")
+      ax.plot(range(len(curve[metric])), curve[metric], marker="o",
+              label=f"{label} (lr {lrs[label]:g})")
+    ax.set_xlabel(f"fine-tuning steps on part of the forget set (mask: {mask})")
+    ax.set_ylabel("NLL per token on the rest" if metric == "nll"
+                  else f"mean {metric.replace('/', ' of ')} facts of the rest")
     ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(f"{out_dir}/relearn.png", dpi=100)

@@ -292,6 +292,10 @@ def documents(run_dir: str, forget_ids: np.ndarray, cap: int = 256):
   cfg, _ = engine.trained_config(run_dir)
   d = pipeline.load(cfg, log=lambda _: None)
   seen, unseen = d.seen.docs, d.unseen.docs
+  never = np.setdiff1d(forget_ids, d.trained_sources())
+  if never.size:   # a held-out or excluded source: nothing to forget, and MIA's never-seen set
+    raise UserError(f"source(s) {never.tolist()[:10]} of the forget set were never trained on "
+                    "(held out or excluded): forget sources the run trained on")
   pick = lambda docs, index: [(int(docs.source_ids[i]), t[:cap])
                               for i, t in zip(index, docs.read(index))]
   return (pick(seen, np.flatnonzero(np.isin(seen.source_ids, forget_ids))),
