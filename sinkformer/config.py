@@ -47,7 +47,7 @@ def base() -> ml_collections.ConfigDict:
   # attacker fine-tunes; the learning rates it sweeps, keeping the best per model; a split
   # within or across sources), GCG extraction budgets (prompt lengths tried shortest first), and
   # the capability suite's sample sizes.
-  c.eval = dict(relearn=dict(steps=10, lrs=(3e-4, 1e-3, 3e-3), split="auto",
+  c.eval = dict(relearn=dict(steps=10, lrs=(1e-5, 1e-4, 1e-3), split="auto",
                              mask="sink-off/exclude"),
                 gcg=dict(targets=8, target_len=16, lengths=(2, 4, 8, 16), steps=20, top_k=32,
                          candidates=64, init="prefix"),
