@@ -1,4 +1,4 @@
-"""The paper's 1B Wikipedia NULL (method.md section 1, reference geometry).
+"""The paper's 1B Wikipedia NULL, in its reference geometry.
 
   sinkformer train --config experiments/wiki_1b.py:h100x8 --workdir /shared/runs/wiki_1b
   sbatch --nodes=4 launch/slurm.sbatch experiments/wiki_1b.py:h100x8x4 /shared/runs/wiki_1b

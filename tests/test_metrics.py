@@ -1,4 +1,4 @@
-"""Each metric of method.md section 4 on an example computed by hand."""
+"""Each forgetting metric on an example computed by hand."""
 
 import math
 import zlib

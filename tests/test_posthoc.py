@@ -1,4 +1,4 @@
-"""Post-hoc baselines and the relearning loop: the losses are method.md's, and they move."""
+"""Post-hoc baselines and the relearning loop: the published losses, and they move."""
 
 import math
 

@@ -1,5 +1,5 @@
-"""Attacks on an unlearned model (method.md section 4), every condition side by side with the
-retrain oracle: relearning (`sinkformer eval --suite relearn`) and GCG extraction scored by
+"""Attacks on an unlearned model, every condition side by side with the retrain oracle:
+relearning (`sinkformer eval --suite relearn`) and GCG extraction scored by
 the adversarial compression ratio (`--suite gcg`). Budgets come from the run's `eval`
 config section (`--set relearn.steps=20`, `--set gcg.steps=100`, ... override them).
 """

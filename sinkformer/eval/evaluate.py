@@ -1,5 +1,5 @@
-"""`sinkformer eval`: every condition side by side against the retrain oracle (method.md
-sections 2-5). This module holds what the suites share (conditions, scoring, documents, the
+"""`sinkformer eval`: every condition side by side against the retrain oracle
+(every serving mode, every metric). This module holds what the suites share (conditions, scoring, documents, the
 one results page) and the facts, membership-inference and extraction suites; attacks.py has
 the relearning and GCG attacks, capability.py the capability suite.
 

@@ -1,4 +1,4 @@
-"""Forgetting metrics exactly as method.md section 4 defines them (pure numpy/scipy).
+"""Forgetting metrics as TOFU, MUSE and the NULL paper define them (pure numpy/scipy).
 
 Inputs are per-token log-probabilities of the answer/document tokens (what
 `generate.score`-style teacher forcing gives), greedy or argmax token lists, and texts.

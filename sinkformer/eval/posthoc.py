@@ -2,7 +2,7 @@
 GradDiff, NPO) and the relearning attack, as one small jitted loop.
 
 Each document is one row (BOS + tokens, loss on every next token), so a row is a sequence
-and NPO's sequence log-probabilities are row sums. Losses (method.md section 4):
+and NPO's sequence log-probabilities are row sums. Losses:
   ga        -NLL(forget)                     (maximise the forget loss)
   graddiff  -NLL(forget) + NLL(retain)
   npo       -(2/beta) E log sigmoid(-beta (log pi(y|x) - log pi_ref(y|x))) [+ NLL(retain)]

@@ -151,7 +151,7 @@ def make_gate(spec: SinkSpec, mode: str, *, segment_ids, source_ids=None, row_so
   source:   every token of row b uses `row_sources[b]` (explicit ids, e.g. a routed query).
   backbone: all sinks off; backbone units scaled by (G+k)/G if `spec.backbone_rescale`.
   mlp-off:  every MLP unit off, backbone too (a diagnostic: what attention and embeddings
-            alone know; method.md section 5).
+            alone know).
   `exclude` zeroes its units in every mode.
   """
   batch = segment_ids.shape[0]

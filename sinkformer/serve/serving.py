@@ -1,7 +1,7 @@
 """A trained run, loaded for inference: generation and scoring in every mode, never serving
 an unlearned source.
 
-Modes (method.md section 2): `source:REF` (sink-on: that source's sinks), `route` (sink-off
+Modes: `source:REF` (sink-on: that source's sinks), `route` (sink-off
 as deployed: the nearest surviving source's sinks), `backbone` (no sinks), `placebo` (the
 farthest surviving source's sinks). Policies: `exclude` zeroes every unlearned source's units
 in every forward pass (an in-graph bit mask, updated in place as requests land); `route`
