@@ -172,32 +172,33 @@ def checkpoints(cfg, rounds: int = 10) -> dict:
 
 
 def stream_rates(batches: pipeline.Batches, workers, batches_per_count: int = 200) -> dict:
-  """Per reader thread count: tokens/s of the Grain pipeline (`iterate`) in steady state
-  (from its first batch to its last: the pipeline's start is reported apart, as the seconds
-  to its first batch). Each count reads steps no other count has read."""
-  tokens = batches.batch_size * batches.streams[0].seq_len
+  """Per reader thread count: document tokens/s (padding not counted) of the Grain pipeline
+  (`iterate`) in steady state (from its first batch to its last: the pipeline's start is
+  reported apart, as the seconds to its first batch). Each count reads steps no other count
+  has read."""
   out, step = {}, 1
   for w in workers:
     t0 = time.perf_counter()
     it = pipeline.iterate(batches, step, step + batches_per_count + 1, threads=w)
     next(it)
-    first = time.perf_counter() - t0
+    first, tokens = time.perf_counter() - t0, 0
     for _ in range(batches_per_count):
-      next(it)
-    steady = (time.perf_counter() - t0 - first) / batches_per_count
-    out[w] = {"tokens_per_s": tokens / steady, "first_batch_s": first}
+      tokens += int((next(it)["segment_ids"] > 0).sum())
+    out[w] = {"tokens_per_s": tokens / (time.perf_counter() - t0 - first),
+              "first_batch_s": first}
     step += batches_per_count + 1
   return out
 
 
 def stream(cfg=None, rounds: int = 30, steps_per_round: int = 4, data: str | None = None,
-           workers=(0, 1, 2, 4), rows: int = 64, seq_len: int = 128) -> dict:
+           workers=(0, 1, 2, 4), rows: int = 64, seq_len: int = 128, max_docs: int = 32) -> dict:
   """Tokens/s of the data pipeline per reader thread count (stream_rates): on the config's
   data, against what its train step consumes (median of `rounds`), or on prepared data
   given by path (`rows` x `seq_len` batches, no model)."""
   if data is not None:
     docs = pipeline.open_prepared(data)
-    batches = pipeline.Batches([pipeline.DocStream(docs, None, seq_len, 8, seed=0)], [1], rows)
+    batches = pipeline.Batches([pipeline.DocStream(docs, None, seq_len, max_docs, seed=0)], [1],
+                               rows)
     summary = f"{docs.origin}: {len(docs.lengths):,} documents, batches of {rows}x{seq_len}"
   else:
     d = pipeline.load(cfg)

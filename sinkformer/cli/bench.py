@@ -55,6 +55,8 @@ def _stream_flags(fv, argv):
                     "batches made on the consuming thread)", flag_values=fv)
   flags.DEFINE_integer("rows", 64, "rows per batch (with --data)", flag_values=fv)
   flags.DEFINE_integer("seq_len", 128, "tokens per row (with --data)", flag_values=fv)
+  flags.DEFINE_integer("max_docs", 32, "documents per row at most (with --data; wiki_1b: 32)",
+                       flag_values=fv)
   flags.DEFINE_integer("rounds", 10, "timed rounds of the train step (with --config)",
                        flag_values=fv)
 
@@ -65,7 +67,8 @@ def _stream(fv):
   if (fv.config is None) == (fv.data is None):
     raise UserError("bench stream takes --config or --data (prepared data), one of them")
   bench.stream(fv.config, rounds=fv.rounds, data=fv.data,
-               workers=[int(w) for w in fv.workers], rows=fv.rows, seq_len=fv.seq_len)
+               workers=[int(w) for w in fv.workers], rows=fv.rows, seq_len=fv.seq_len,
+               max_docs=fv.max_docs)
 
 
 def _scale_flags(fv, argv):
