@@ -12,7 +12,7 @@ from ml_collections import config_flags
 from sinkformer.errors import ConfigError, PARSE_ERRORS, UserError, one_line
 
 MESH_AXES = ("data", "fsdp", "tensor")
-# The masks an attacker may fine-tune through in the relearning attack (evaluate.py).
+# The masks an attacker may fine-tune through in the relearning attack (eval/attacks.py).
 RELEARN_MASKS = ("sink-off/exclude", "sink-off/route", "sink-on", "backbone")
 
 
@@ -39,7 +39,10 @@ def base() -> ml_collections.ConfigDict:
   c.train = dict(steps=160, batch_size=16, grad_accum=1, lr=2e-3, min_lr_ratio=0.1,
                  warmup_steps=16, weight_decay=0.1, b1=0.9, b2=0.95, clip_norm=1.0,
                  log_every=10, eval_every=40, eval_batches=4, checkpoint_every=40,
-                 keep_checkpoints=3)
+                 keep_checkpoints=3,
+                 # a NULL's backbone (all but the sink units) at other rates: keeps
+                 # source-specific facts out of attention and embeddings (eval: all-mlp-off)
+                 backbone_lr_scale=1.0, backbone_decay_scale=1.0)
   # Serving: exclude = zero unlearned sources' units in every pass; route = only never pick
   # them. The router embeds each source's title+opening (or its title only).
   c.unlearn = dict(policy="exclude", router="title+opening", allow_reactivation=False)
@@ -203,6 +206,8 @@ def validate(cfg, num_devices: int) -> tuple[int, ...]:
            f"{t.grad_accum} must divide train.batch_size={t.batch_size}")
   _require(0 <= t.warmup_steps < t.steps, "train.warmup_steps",
            f"{t.warmup_steps} must be in 0..train.steps-1={t.steps - 1}")
+  for field in ("backbone_lr_scale", "backbone_decay_scale"):
+    _require(t[field] >= 0, f"train.{field}", f"must be >= 0, got {t[field]}")
   _require(t.checkpoint_every > 0, "train.checkpoint_every", f"must be positive, got "
            f"{t.checkpoint_every} (a checkpoint is also written at the last step)")
 

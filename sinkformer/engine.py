@@ -45,14 +45,40 @@ class Setup:
     return mesh_lib.batch_sharding(self.mesh)
 
 
-def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with warmup-cosine and global-norm clipping; norms are not decayed."""
+def make_optimizer(cfg, dims) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with warmup-cosine and global-norm clipping; norms are not decayed.
+
+  A NULL may train its backbone (every parameter outside the sink units, attention and
+  embeddings included) differently, to keep source-specific facts out of it:
+  train.backbone_lr_scale multiplies the backbone's updates, train.backbone_decay_scale its
+  weight decay."""
+  t = cfg.train
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, t.lr, t.warmup_steps, t.steps, end_value=t.lr * t.min_lr_ratio)
   decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  tx = optax.chain(optax.clip_by_global_norm(t.clip_norm),
-                   optax.adamw(schedule, t.b1, t.b2, weight_decay=t.weight_decay, mask=decay))
-  return tx, schedule
+  plain = t.backbone_lr_scale == 1 and t.backbone_decay_scale == 1
+  if cfg.model.kind == "dense" or plain:   # (the optimizer state of older checkpoints)
+    adam = optax.adamw(schedule, t.b1, t.b2, weight_decay=t.weight_decay, mask=decay)
+  else:
+    backbone = transformer.backbone_units(dims, cfg.sinks.attn_heads)
+    adam = optax.chain(optax.scale_by_adam(t.b1, t.b2),
+                       _backbone_scaled(backbone, t.weight_decay, t.backbone_lr_scale,
+                                        t.backbone_decay_scale),
+                       optax.scale_by_learning_rate(schedule))
+  return optax.chain(optax.clip_by_global_norm(t.clip_norm), adam), schedule
+
+
+def _backbone_scaled(backbone, weight_decay, lr_scale, decay_scale) -> optax.GradientTransformation:
+  """AdamW's decoupled decay (matrices only) with the backbone's (`backbone` 1, sinks 0)
+  update scaled by `lr_scale` and its decay by `decay_scale`."""
+  def update(updates, state, params):
+    def one(u, b, p):
+      out = u * (1 + (lr_scale - 1) * b)
+      if p.ndim >= 2:
+        out = out + weight_decay * (1 + (decay_scale - 1) * b) * p
+      return out
+    return jax.tree.map(one, updates, backbone, params), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
 def build(cfg, devices=None) -> Setup:
@@ -61,7 +87,7 @@ def build(cfg, devices=None) -> Setup:
   mesh = mesh_lib.make_mesh(shape, devices, config_lib.dcn_shape(cfg.mesh))
   dims = transformer.Dims.from_config(cfg)
   graphdef, abstract_params, axes = transformer.abstract(dims)
-  tx, schedule = make_optimizer(cfg.train)
+  tx, schedule = make_optimizer(cfg, dims)
   return Setup(cfg, mesh, dims, sinks.SinkSpec.from_config(cfg), graphdef,
                _state_shardings(tx, abstract_params, axes, mesh), schedule, tx)
 

@@ -118,3 +118,34 @@ def test_flops_formula_agrees_with_xla(smoke_cfg):
   full_attention = 6.0 * m.num_layers * smoke_cfg.data.seq_len * m.num_heads * m.head_dim
   formula = flops.flops_per_token(setup.dims, smoke_cfg.data.seq_len) + full_attention
   assert cost["flops"] / tokens == pytest.approx(formula, rel=0.15)
+
+
+def test_backbone_rates_apply_to_everything_but_the_sinks(smoke_cfg):
+  """backbone_lr_scale = 0 and no decay freeze every parameter outside the sink units
+  (embeddings, attention, norms, backbone MLP units) while the sinks and sink heads learn;
+  the same config with the plain optimizer moves both."""
+  smoke_cfg.sinks.update(attn_heads=1, attn_k=1)
+  smoke_cfg.train.update(lr=1e-2, warmup_steps=0, backbone_lr_scale=0.0, backbone_decay_scale=0.0)
+  g, d = smoke_cfg.model.mlp_backbone, smoke_cfg.model.head_dim
+  moved = {}
+  for frozen in (True, False):
+    if not frozen:
+      smoke_cfg.train.update(backbone_lr_scale=1.0, backbone_decay_scale=1.0)
+    setup = engine.build(smoke_cfg)
+    state = engine.init_state(setup, 0)
+    before = jax.tree.map(np.asarray, state["params"])
+    step = trainer.compile_train_step(setup, state, first_batch(setup, smoke_cfg))
+    for i in range(2):
+      state, _ = step(state, first_batch(setup, smoke_cfg, i))
+    after = jax.tree.map(np.asarray, state["params"])
+    change = jax.tree.map(lambda a, b: np.abs(a - b), after, before)
+    mlp, attn = change["blocks"]["mlp"], change["blocks"]["attn"]
+    moved[frozen] = {
+        "embed": change["embed"]["embedding"].max(), "kv": attn["k"]["kernel"].max(),
+        "norm": change["blocks"]["attn_norm"]["scale"].max(),
+        "backbone units": max(mlp["gate"]["kernel"][..., :g].max(), mlp["down"]["kernel"][:, :g].max()),
+        "backbone heads": attn["q"]["kernel"][..., :-d].max(),
+        "sink units": mlp["gate"]["kernel"][..., g:].max(), "sink heads": attn["o"]["kernel"][:, -d:].max()}
+  assert all(v == 0 for k, v in moved[True].items() if k.startswith(("embed", "kv", "norm", "backbone")))
+  assert moved[True]["sink units"] > 1e-3 and moved[True]["sink heads"] > 1e-3
+  assert all(v > 1e-3 for v in moved[False].values()), moved[False]

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sinkformer.errors import ConfigError
@@ -275,6 +276,23 @@ def abstract(m):
   axes["blocks"] = jax.tree.map(lambda a: ("layers",) + a, axes["blocks"],
                                 is_leaf=lambda x: isinstance(x, tuple))
   return graphdef, nnx.to_pure_dict(state), axes
+
+
+def backbone_units(m, sink_heads: int = 0) -> dict:
+  """A tree like the parameters, broadcastable to each: 1 on the backbone (everything a
+  source's mask never switches off), 0 on the MLP's sink units (columns G.. of gate/up, rows
+  G.. of down) and on the last `sink_heads` query heads (their q columns and o rows)."""
+  _, params, _ = abstract(m)
+  ones = jax.tree.map(lambda p: np.ones((1,) * p.ndim, np.float32), params)
+  units = np.r_[np.ones(m.mlp_backbone), np.zeros(m.num_sinks)].astype(np.float32)
+  heads = np.repeat(np.r_[np.ones(m.num_heads - sink_heads), np.zeros(sink_heads)],
+                    m.head_dim).astype(np.float32)
+  mlp, attn = ones["blocks"]["mlp"], ones["blocks"]["attn"]
+  mlp["gate"]["kernel"] = mlp["up"]["kernel"] = units[None, None, :]   # [L, d, I]
+  mlp["down"]["kernel"] = units[None, :, None]                         # [L, I, d]
+  attn["q"]["kernel"] = heads[None, None, :]
+  attn["o"]["kernel"] = heads[None, :, None]
+  return ones
 
 
 def init(m, seed: int):

@@ -62,7 +62,7 @@ def plan(cfg, unrolled: bool = False) -> dict:
   # Per-device state memory from the sharding rules alone: no devices needed.
   param_specs = jax.tree.map(lambda a: _Spec(mesh_lib.spec(a)), axes,
                              is_leaf=lambda x: isinstance(x, tuple))
-  tx, _ = engine.make_optimizer(cfg.train)
+  tx, _ = engine.make_optimizer(cfg, dims)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_specs = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_specs,
                                     transform_non_params=lambda _: _Spec(()),
