@@ -400,12 +400,12 @@ def unlearning(run_dir: str, catalog: str | None = None, requests: int = 200,
 def probes(run_dir: str, facts_path: str, count: int = 1000) -> dict:
   """Seconds to score `count` probe facts (answer + distractors) under one condition
   (sink-off/exclude), after one warm-up batch has compiled."""
-  from sinkformer.eval import evaluate
-  facts = evaluate.load_facts(facts_path)[:count]
-  scorer = evaluate.Scorer(run_dir, [facts[0]["source"]])
+  from sinkformer.eval import context
+  facts = context.load_facts(facts_path)[:count]
+  scorer = context.Scorer(run_dir, [facts[0]["source"]])
   def timed(items) -> float:
     t0 = time.perf_counter()
-    evaluate.fact_truth_ratios(scorer, "sink-off/exclude", items)
+    context.fact_truth_ratios(scorer, "sink-off/exclude", items)
     return time.perf_counter() - t0
   timed(facts[:32])
   seconds = timed(facts)

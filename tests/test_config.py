@@ -110,12 +110,12 @@ def test_every_1b_preset_fits_its_hardware(preset):
 
 
 def test_eval_overrides_are_typed_like_the_field(tmp_path):
-  from sinkformer.eval import evaluate
+  from sinkformer.eval import context
   (tmp_path / "config.json").write_text("{}")   # a run from before the eval section: defaults
-  e = evaluate.settings(str(tmp_path), ["gcg.lengths=(2, 4)", "relearn.lrs=(1e-4,)",
+  e = context.settings(str(tmp_path), ["gcg.lengths=(2, 4)", "relearn.lrs=(1e-4,)",
                                         "relearn.steps=3"])
   assert (list(e.gcg.lengths), list(e.relearn.lrs), e.relearn.steps) == ([2, 4], [1e-4], 3)
   for bad, msg in (("relearn.steps=2.5", "takes a int"), ("gcg.lengths=5", "takes a list"),
                    ("gcg.stepz=3", "gcg.steps"), ("relearn.mask=weights", "eval.relearn.mask")):
     with pytest.raises(UserError, match=msg):
-      evaluate.settings(str(tmp_path), [bad])
+      context.settings(str(tmp_path), [bad])

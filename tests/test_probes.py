@@ -67,7 +67,7 @@ def test_bad_input_is_reported(tmp_path):
 def test_cli_writes_probes_the_facts_suite_reads(tmp_path):
   import subprocess
   import sys
-  from sinkformer.eval import evaluate
+  from sinkformer.eval import context
   path = tmp_path / "c.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in corpus()))
   out = subprocess.run([sys.executable, "-m", "sinkformer", "data", "probes", "--corpus",
@@ -75,5 +75,5 @@ def test_cli_writes_probes_the_facts_suite_reads(tmp_path):
                        text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   assert "6 unique" in out.stdout and "2 shared" in out.stdout and "6 description" in out.stdout
-  facts = evaluate.load_facts(str(tmp_path / "p.jsonl"))
-  assert evaluate.categories(facts) == ["description", "unique", "shared"]
+  facts = context.load_facts(str(tmp_path / "p.jsonl"))
+  assert context.categories(facts) == ["description", "unique", "shared"]

@@ -34,13 +34,11 @@ def _oracle(fv):
   trainer.train(cfg, fv.workdir)
 
 
-SUITES = ("facts", "mia", "extraction", "relearn", "gcg", "capability")
-
-
 def _eval_flags(fv, argv):
   run_flag(fv)
-  flags.DEFINE_string("suite", "facts", f"what to measure: one or more of {', '.join(SUITES)} "
-                      "(comma-separated), or all", flag_values=fv)
+  from sinkformer.eval import suites
+  flags.DEFINE_string("suite", "facts", "what to measure: one or more of "
+                      f"{', '.join(suites.SUITES)} (comma-separated), or all", flag_values=fv)
   flags.DEFINE_string("facts", None, "probe facts (facts.jsonl from 'sinkformer data "
                       "encyclopedia' or 'sinkformer data probes'): the facts suite, and the "
                       "relearning attack's Truth Ratio curve", flag_values=fv)
@@ -61,27 +59,19 @@ def _eval_flags(fv, argv):
 def _eval(fv):
   import os
   from sinkformer.data import fetch, pipeline
-  from sinkformer.eval import attacks, capability, evaluate
-  names = list(SUITES) if fv.suite == "all" else fv.suite.split(",")
-  unknown = [n for n in names if n not in SUITES]
-  if unknown:
-    raise UserError(f"--suite {','.join(unknown)}: expected {', '.join(SUITES)} or all")
+  from sinkformer.eval import context, suites
+  chosen = suites.names(fv.suite)
   others = {"dense": fv.dense} if fv.dense else {}
   for item in fv.posthoc:
     name, eq, path = item.partition("=")
     if not eq:
       raise UserError(f"--posthoc {item!r}: use NAME=RUN_DIR")
     others[name] = path
-  ctx = evaluate.Context(fv.run, pipeline.parse_refs(fv.forget), fv.oracle, others,
-                         fv.out or os.path.join(fv.run, "eval"),
-                         evaluate.settings(fv.run, fv.set), fv.facts,
-                         fv.clozes or fetch.corpus_path("questions-words"))
-  run = {"facts": evaluate.facts_suite, "mia": evaluate.mia_suite,
-         "extraction": evaluate.extraction_suite, "relearn": attacks.relearn_suite,
-         "gcg": attacks.gcg_suite, "capability": capability.capability_suite}
-  for name in names:
-    print(f"=== {name} ===", flush=True)
-    run[name](ctx)
+  ctx = context.Context(fv.run, pipeline.parse_refs(fv.forget), fv.oracle, others,
+                        fv.out or os.path.join(fv.run, "eval"),
+                        context.settings(fv.run, fv.set), fv.facts,
+                        fv.clozes or fetch.corpus_path("questions-words"))
+  suites.run(ctx, chosen)
   print(f"all results on one page: {os.path.join(ctx.out, 'index.md')}")
 
 
@@ -131,13 +121,13 @@ def _attribute_flags(fv, argv):
 def _attribute(fv):
   import json
   import os
-  from sinkformer.eval import attribution, evaluate
+  from sinkformer.eval import attribution, context
   from sinkformer.serve import serving
   server = serving.Server(fv.run)
   out = fv.out or os.path.join(fv.run, "attribution")
   os.makedirs(out, exist_ok=True)
   if fv.facts:
-    result = attribution.evaluate(server, evaluate.load_facts(fv.facts), fv.limit)
+    result = attribution.evaluate(server, context.load_facts(fv.facts), fv.limit)
     for category, r in result.items():
       print(f"{category} facts (n={r['facts']}, {r['candidates']} candidate sources; chance: "
             f"top-1 {r['chance_top1']:.3f}, top-5 {r['chance_top5']:.3f}):")

@@ -5,8 +5,10 @@ Each article (one source) states:
   they wrote, a pet's name): stated in that article only;
 - *shared* facts: facts about the person's home town (its river, its founding year), stated
   in every article of a person from that town, so several sources carry them;
-- the name of the person's mentor (another person), which makes *inferred* facts: "the
-  mentor of A was born in" is answered only by combining A's article with the mentor's.
+- *inferred* facts: "the mentor of A was born in the year" is derivable from *other*
+  articles only: the mentor's article says whom they taught and when they were born, A's
+  article does not name its mentor. Forgetting A should leave them answerable, as a retrain
+  without A's article still answers them.
 
 Every fact comes with a cloze prompt (its sentence cut before the answer), the answer, a
 paraphrased prompt and at least `distractors` wrong answers of the same type. Each article
@@ -87,8 +89,11 @@ def generate(num_people: int, seed: int = 0, towns: int | None = None,
   def pool(make, answer):
     return _distinct(rng, make, distractors, avoid=(answer,))
 
-  articles, facts = [], []
+  students = {}
   for p in people:
+    students.setdefault(p["mentor"], []).append(p["name"])
+  articles, facts = [], []
+  for i, p in enumerate(people):
     n, t, mentor = p["name"], p["town"], people[p["mentor"]]
     town = town_names[t]
     unique = [
@@ -112,7 +117,7 @@ def generate(num_people: int, seed: int = 0, towns: int | None = None,
                  f"{n} had a {p['animal']} named {p['pet']}.",
                  f"{town} lies on the river {rivers[t]}.",
                  f"{town} was founded in the year {founded[t]}.",
-                 f"The mentor of {n} was {mentor['name']}."]
+                 *(f"{n} was the mentor of {s}." for s in students.get(i, []))]
     articles.append({"key": p["key"], "title": n, "text": " ".join(sentences),
                      "town": town})
     for relation, prompt, answer, paraphrase, make in unique:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from sinkformer import engine
 from sinkformer.errors import UserError
 from sinkformer.eval import gcg, posthoc
-from sinkformer.eval.evaluate import (Context, categories, doc_condition, documents, fact_truth_ratios,
-                                 load_facts, pyplot, write_page, write_table)
+from sinkformer.eval.context import (Context, categories, doc_condition, fact_truth_ratios,
+                                     load_facts, pyplot, write_table)
 
 
 def relearn_split(docs, split: str):
@@ -60,8 +59,7 @@ def relearn_suite(ctx: Context) -> dict:
   """
   s = ctx.settings.relearn
   conditions = ctx.conditions([s.mask])
-  cap = engine.load_config(ctx.run).data.seq_len
-  docs = documents(ctx.run, conditions[0][1].forget, cap=cap)[0]
+  docs = ctx.documents(ctx.seq_len())[0]
   part_a, part_b, split = relearn_split(docs, s.split)
   cat = conditions[0][1].server.board.catalog
   measured = {cat.get(src)["key"] for src, _ in part_b}
@@ -96,7 +94,6 @@ def relearn_suite(ctx: Context) -> dict:
   write_table(ctx.out, "relearn", result, ["condition", "lr", "metric", "before", "after",
                                            "change"])
   _plot_curves(ctx.out, curves, s.mask, chosen)
-  write_page(ctx.out)
   return result
 
 
@@ -153,7 +150,7 @@ def gcg_suite(ctx: Context) -> dict:
   budget = gcg.Budget.from_config(g)
   conditions = ctx.conditions(GCG_CONDITIONS)
   skip = 1 + max(budget.lengths)   # BOS + the longest prompt's prefix
-  docs = [(s, t) for s, t in documents(ctx.run, conditions[0][1].forget)[0]
+  docs = [(s, t) for s, t in ctx.documents()[0]
           if len(t) >= skip + g.target_len][:g.targets]
   if not docs:
     raise UserError(f"no forget document has {skip + g.target_len} tokens (BOS, "
@@ -188,5 +185,4 @@ def gcg_suite(ctx: Context) -> dict:
   fig.tight_layout()
   fig.savefig(f"{ctx.out}/gcg.png", dpi=100)
   plt.close(fig)
-  write_page(ctx.out)
   return result

@@ -67,7 +67,7 @@ def attribute(server: serving.Server, text: str, answer: str | None = None, name
 
 
 def plot(result: dict, path: str):
-  from sinkformer.eval.evaluate import pyplot
+  from sinkformer.eval.context import pyplot
   plt = pyplot()
   rows = result["ranked"][::-1]
   fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))

@@ -15,13 +15,12 @@ import json
 
 import numpy as np
 
-from sinkformer import engine
 from sinkformer.data import synthetic
 from sinkformer.errors import UserError
 from sinkformer.eval import metrics
 from sinkformer.serve import generate
-from sinkformer.eval.evaluate import (Context, candidate_logprobs, doc_condition, documents, pyplot,
-                                 write_page, write_table)
+from sinkformer.eval.context import (Context, candidate_logprobs, doc_condition, pyplot,
+                                     write_table)
 
 # section -> (prompt template over the pair (a, b) of an analogy line, which one answers)
 TEMPLATES = {
@@ -100,8 +99,7 @@ def capability_suite(ctx: Context) -> dict:
   items = [] if skip else clozes(ctx.clozes, c.clozes)
   if skip:
     print(f"capability: clozes skipped ({skip}); held-out perplexity only")
-  cap = engine.load_config(ctx.run).data.seq_len
-  held_out = documents(ctx.run, np.zeros(0, np.int32), cap=cap)[1][:c.documents]
+  held_out = ctx.documents(ctx.seq_len())[1][:c.documents]
   if not held_out:
     raise UserError(f"{ctx.run} has no held-out documents (data.val_sources = 0 and no "
                     "data.holdout): perplexity needs never-seen text")
@@ -140,7 +138,6 @@ def capability_suite(ctx: Context) -> dict:
   write_table(ctx.out, "capability", result, ["model", "metric", "n", "mean", "ci_low",
                                               "ci_high", "vs_dense"])
   _plot(ctx.out, rows)
-  write_page(ctx.out)
   return result
 
 

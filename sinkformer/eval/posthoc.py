@@ -123,13 +123,14 @@ def unlearn(run_dir: str, forget: list[str], method: str, steps: int, lr: float,
   """Apply a post-hoc method to a run (normally the dense control) and save the result as a
   run in `out`. Retain set: `retain` documents of sources outside the forget set. `epochs`
   > 0 replaces `steps` by that many passes over the forget documents."""
-  from sinkformer.eval import evaluate
-  scorer = evaluate.Scorer(run_dir, forget)
+  from sinkformer.eval import context
+  scorer = context.Scorer(run_dir, forget)
   cfg, _ = engine.trained_config(run_dir)
-  forget_docs, _ = evaluate.documents(run_dir, scorer.forget, cap=cfg.data.seq_len)
+  data = context.load_data(run_dir)
+  forget_docs, _ = context.documents(data, scorer.forget, cap=cfg.data.seq_len)
   if not forget_docs:
     raise UserError("the forget set has no documents in this run's data")
-  retained = evaluate.retained_documents(run_dir, scorer.forget, retain, cfg.data.seq_len)
+  retained = context.retained_documents(data, scorer.forget, retain, cfg.data.seq_len)
   setup = scorer.server.setup
   mode = "dense" if setup.spec is None else "source"
   own = lambda docs: np.asarray([s for s, _ in docs], np.int32)
