@@ -37,6 +37,17 @@ def _story(fv):
             relearn_steps=fv.steps)
 
 
+def _sweep_flags(fv, argv):
+  _train_flags(fv, argv)
+  flags.DEFINE_list("points", None, "only these points (labels of sweep.points)", flag_values=fv)
+
+
+def _sweep(fv):
+  from sinkformer.eval import sweep
+  sweep.run(fv.config, fv.workdir, fv.points)
+  print(f"the regime map: {fv.workdir}/index.md")
+
+
 def _checkpoint_info_flags(fv, argv):
   flags.DEFINE_string("checkpoint", None, "a run's checkpoints/ directory (newest step) or "
                       "checkpoints/STEP", flag_values=fv)
@@ -78,6 +89,9 @@ COMMANDS = {
     "story": ("the whole experiment: encyclopedia, NULL, retrain oracle, dense control, "
               "post-hoc baselines, unlearning, and every measurement side by side",
               _story_flags, _story, ("config", "workdir")),
+    "sweep": ("the regime map: per grid point the NULL, its retrain oracle and the dense "
+              "control, trained and measured; one page of where sink-off forgets like a retrain",
+              _sweep_flags, _sweep, ("config", "workdir")),
     "train": ("train a NULL (or the dense control) from an experiment config",
               _train_flags, _train, ("config", "workdir")),
     "plan": ("parameters, FLOPs/token and per-device memory of a config's mesh, before "

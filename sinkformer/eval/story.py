@@ -11,12 +11,11 @@ step whose output exists is not redone, so an interrupted story resumes.
 
 from __future__ import annotations
 
-import json
 import os
 
 from sinkformer.data import encyclopedia, fetch
 from sinkformer.errors import UserError
-from sinkformer.eval import attacks, capability, evaluate, posthoc
+from sinkformer.eval import context, posthoc, suites
 from sinkformer.serve import serving, switchboard
 from sinkformer.train import trainer
 
@@ -28,35 +27,58 @@ def _phase(title: str):
   print(f"\n=== {title} ===", flush=True)
 
 
+def encyclopedia_data(cfg, enc: str, people: int, forget: int, holdout: int):
+  """(`cfg` trained on a generated encyclopedia of `people` fictional people in `enc`, written
+  once, whose last `holdout` people are held out as never-seen documents; the forget keys:
+  the first `forget` people)."""
+  keys = [f"person-{i:06d}" for i in range(people)]
+  if not os.path.exists(os.path.join(enc, "facts.jsonl")):
+    _phase(f"encyclopedia: {people} fictional people")
+    encyclopedia.write(enc, people, cfg.seed)
+  return on_corpus(cfg, os.path.join(enc, "corpus.jsonl"), keys[-holdout:]), keys[:forget]
+
+
+def on_corpus(cfg, corpus: str, holdout_keys: list[str]):
+  """`cfg` trained on the JSONL `corpus` with exactly `holdout_keys` held out (listed beside
+  the corpus)."""
+  corpus = os.path.abspath(corpus)
+  listing = os.path.join(os.path.dirname(corpus), f"holdout-{len(holdout_keys)}.txt")
+  with open(listing, "w") as f:
+    f.write("\n".join(holdout_keys) + "\n")
+  cfg = cfg.copy_and_resolve_references()
+  cfg.data.update(corpus=corpus, val_sources=0, holdout="@" + listing)
+  return cfg
+
+
+def trained(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, "checkpoints")) and bool(
+      os.listdir(os.path.join(path, "checkpoints")))
+
+
+def train_runs(cfg, runs: dict, forget_keys: list[str]):
+  """Train what is missing of `runs` {"null", "oracle", "dense": run directory}: the NULL, its
+  retrain oracle (same config, seed and order, the forget sources excluded) and the dense
+  control. A run that has checkpoints is kept (a resumed story or sweep)."""
+  for name, path in runs.items():
+    if trained(path):
+      continue
+    _phase(f"train {name}" + (f" (without the {len(forget_keys)} forget sources)"
+                              if name == "oracle" else ""))
+    c = cfg.copy_and_resolve_references()
+    if name == "oracle":
+      c.data.exclude = ",".join(forget_keys)
+    if name == "dense":
+      c.model.kind = "dense"
+    trainer.train(c, path)
+
+
 def run(cfg, workdir: str, people: int = 400, forget: int = 20, holdout: int = 20,
         posthoc_steps: int = 10, relearn_steps: int = 10) -> dict:
   os.makedirs(workdir, exist_ok=True)
   enc = os.path.join(workdir, "encyclopedia")
-  keys = [f"person-{i:06d}" for i in range(people)]
-  forget_keys, holdout_keys = keys[:forget], keys[-holdout:]
-  if not os.path.exists(os.path.join(enc, "facts.jsonl")):
-    _phase(f"encyclopedia: {people} fictional people")
-    encyclopedia.write(enc, people, cfg.seed)
-  listing = os.path.join(workdir, "holdout.txt")
-  with open(listing, "w") as f:
-    f.write("\n".join(holdout_keys) + "\n")
-  cfg = cfg.copy_and_resolve_references()
-  cfg.data.update(corpus=os.path.join(enc, "corpus.jsonl"), val_sources=0, holdout="@" + listing)
+  cfg, forget_keys = encyclopedia_data(cfg, enc, people, forget, holdout)
   runs = {name: os.path.join(workdir, name) for name in ("null", "oracle", "dense", "npo", "ga")}
-
-  def trained(path) -> bool:
-    return os.path.exists(os.path.join(path, "checkpoints")) and os.listdir(
-        os.path.join(path, "checkpoints"))
-
-  for name, overrides in (("null", {}), ("oracle", {"exclude": ",".join(forget_keys)}),
-                          ("dense", {})):
-    if not trained(runs[name]):
-      _phase(f"train {name}" + (f" (without the {forget} forget sources)" if name == "oracle" else ""))
-      c = cfg.copy_and_resolve_references()
-      c.data.update(**overrides)
-      if name == "dense":
-        c.model.kind = "dense"
-      trainer.train(c, runs[name])
+  train_runs(cfg, {name: runs[name] for name in ("null", "oracle", "dense")}, forget_keys)
   for method in ("npo", "ga"):
     if not trained(runs[method]):
       _phase(f"post-hoc {method} on the dense control ({posthoc_steps} steps)")
@@ -80,26 +102,11 @@ def run(cfg, workdir: str, people: int = 400, forget: int = 20, holdout: int = 2
   except UserError as e:
     print(f"capability: world-fact clozes skipped: {e}")
     clozes = None
-  ctx = evaluate.Context(runs["null"], forget_keys, runs["oracle"], others,
-                         os.path.join(workdir, "eval"),
-                         evaluate.settings(runs["null"], [f"relearn.steps={relearn_steps}",
-                                                          *STORY_GCG]),
-                         os.path.join(enc, "facts.jsonl"), clozes)
-  results = {}
-  for name, title, suite in (
-      ("facts", "facts: Truth Ratio per category and condition", evaluate.facts_suite),
-      ("mia", "membership inference", evaluate.mia_suite),
-      ("extraction", "verbatim extraction", evaluate.extraction_suite),
-      ("relearn", f"relearning attack ({relearn_steps} steps)", attacks.relearn_suite),
-      ("gcg", "GCG extraction (adversarial compression ratio)", attacks.gcg_suite),
-      ("capability", "capability: NULL vs dense control", capability.capability_suite)):
-    _phase(title)
-    done = os.path.join(ctx.out, f"{name}.json")
-    if os.path.exists(done):   # a resumed story: measured already
-      with open(done) as f, open(os.path.join(ctx.out, f"{name}.md")) as table:
-        results[name] = json.load(f)
-        print(table.read(), end="")
-    else:
-      results[name] = suite(ctx)
+  ctx = context.Context(runs["null"], forget_keys, runs["oracle"], others,
+                        os.path.join(workdir, "eval"),
+                        context.settings(runs["null"], [f"relearn.steps={relearn_steps}",
+                                                        *STORY_GCG]),
+                        os.path.join(enc, "facts.jsonl"), clozes)
+  results = suites.run(ctx, list(suites.SUITES), resume=True)
   print(f"\nall tables and plots on one page: {ctx.out}/index.md")
   return results

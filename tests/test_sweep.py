@@ -1,0 +1,75 @@
+"""`sinkformer sweep`: the regime map's smallest grid end to end, and its point specs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sinkformer import config
+from sinkformer.errors import UserError
+from sinkformer.eval import sweep
+
+
+def test_points_parse_and_apply_to_the_right_sections():
+  label, overrides = sweep.parse_point("G/I=6%: model.mlp_backbone=32, sinks.num=480, "
+                                       "sweep.sources=100, train.lr=1e-3")
+  assert label == "G/I=6%"
+  assert overrides == {"model.mlp_backbone": 32, "sinks.num": 480, "sweep.sources": 100,
+                       "train.lr": 1e-3}
+  cfg = config.load("experiments/regimes.py")
+  c, settings = sweep.point_config(cfg, overrides)
+  assert (c.model.mlp_backbone, c.sinks.num, c.train.lr, settings["sources"]) == (32, 480, 1e-3, 100)
+  assert "sweep" not in c and cfg.model.mlp_backbone == 96   # the centre is untouched
+  with pytest.raises(UserError, match="not SECTION.FIELD=VALUE"):
+    sweep.parse_point("x: sinks.k")
+  with pytest.raises(UserError, match="no such field"):
+    sweep.point_config(cfg, {"sinks.kk": 4})
+  with pytest.raises(UserError, match="sinks.k=.four"):
+    sweep.point_config(cfg, {"sinks.k": "four"})
+  # the dense control depends on the MLP's width, not on how it splits into G and P
+  centre, _ = sweep.point_config(cfg, {})
+  split = sweep.point_config(cfg, {"model.mlp_backbone": 32, "sinks.num": 480})[0]
+  assert sweep.dense_key(split) == sweep.dense_key(centre)
+  assert sweep.dense_key(sweep.point_config(cfg, {"sinks.k": 4})[0]) == sweep.dense_key(centre)
+  assert sweep.dense_key(sweep.point_config(cfg, {"train.steps": 40})[0]) != sweep.dense_key(centre)
+
+
+@pytest.mark.slow
+def test_smallest_grid_trains_measures_and_resumes(tmp_path):
+  env = {**os.environ, "SINKFORMER_DATA": str(tmp_path / "data")}
+  work = tmp_path / "sweep"
+  args = [sys.executable, "-m", "sinkformer", "sweep", "--config", "experiments/regimes.py:smoke",
+          "--workdir", str(work)]
+  out = subprocess.run(args, capture_output=True, text=True, timeout=1200, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = json.loads((work / "regimes.json").read_text())
+  assert [r["point"] for r in rows] == ["centre", "k=2"]
+  assert [r["k/P"] for r in rows] == [8 / 96, 2 / 96]
+  assert len(os.listdir(work / "dense")) == 1   # one dense control serves both points
+  for r in rows:   # each figure is the point's own suite result
+    ev = work / "points" / sweep.slug(r["point"]) / "eval"
+    mia = json.loads((ev / "mia.json").read_text())["rows"]
+    assert r["auc/sink-off/exclude"] == next(
+        m["auc"] for m in mia if m["condition"] == "sink-off/exclude" and m["score"] == "min_k")
+    facts = json.loads((ev / "facts.json").read_text())["rows"]
+    assert r["tr_unique/retrain"] == next(f["mean_log_tr"] for f in facts if (
+        f["set"], f["category"], f["condition"]) == ("forget", "unique", "retrain"))
+    assert r["retrain_like/sink-off/exclude"] == (
+        r["ks_unique/sink-off/exclude"] >= 0.05
+        and abs(r["auc/sink-off/exclude"] - r["auc/retrain"]) <= 0.05)
+    cap = json.loads((ev / "capability.json").read_text())["rows"]
+    dense = next(c["mean"] for c in cap if c["model"] == "dense" and c["metric"] == "held_out_nll")
+    assert r["nll_cost"] == pytest.approx(r["nll/null"] / dense - 1)
+    assert 0 < r["passes"] and (r["capacity_lost"] > 0) == (r["forget"] > 0)
+  page = (work / "index.md").read_text()
+  assert (work / "regimes.md").read_text() in page and "| k=2 |" in page
+
+  again = subprocess.run(args + ["--points", "k=2"], capture_output=True, text=True,
+                         timeout=600, env=env)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "=== train" not in again.stdout   # every run and result is reused
+  bad = subprocess.run(args + ["--points", "k=3"], capture_output=True, text=True, timeout=600,
+                       env=env)
+  assert bad.returncode == 2 and "not among centre, k=2" in bad.stderr
