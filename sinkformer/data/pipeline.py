@@ -107,7 +107,7 @@ class Shards:
     readers, out = self._readers(), []
     for s, at in zip(shard.tolist(), (indices - self.starts[shard]).tolist()):
       readers[s].seek(at)
-      out.append(np.frombuffer(readers[s].read(), "<i4")[1:])   # [source_id, tokens...]
+      out.append(prepare_lib.decode_record(readers[s].read(), copy=False)[1])
     return out
 
 

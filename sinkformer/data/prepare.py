@@ -50,13 +50,16 @@ SHARD_CHUNKS = 65536               # ArrayRecord chunks per shard
 JOURNAL = "progress.json"
 
 
-def encode_record(source_id: int, tokens: np.ndarray) -> bytes:
-  return np.concatenate([[source_id], tokens]).astype("<i4").tobytes()
+def encode_record(source_id: int, tokens: bytes) -> bytes:
+  """A shard record: the source id, then the tokens, little-endian int32 (`tokens` already
+  encoded so: the workers encode them, the catalog assigns the id)."""
+  return struct.pack("<i", source_id) + tokens
 
 
-def decode_record(blob: bytes) -> tuple[int, np.ndarray]:
+def decode_record(blob: bytes, copy: bool = True) -> tuple[int, np.ndarray]:
+  """(source id, tokens); copy=False returns a read-only view of `blob`."""
   values = np.frombuffer(blob, "<i4")
-  return int(values[0]), values[1:].astype(np.int32)
+  return int(values[0]), values[1:].astype(np.int32) if copy else values[1:]
 
 
 def resolve_corpus(spec: str, data_dir: str | None) -> str:
@@ -292,7 +295,7 @@ def _write(read, path, corpus, tmp, tok, cat, journal, workers, size, log, start
                                    f"group_size:{settings['group_size']}")
         shard_hash, shard_sources, shard_lengths = hashlib.sha256(), [], []
       for source_id, record in zip(ids, records):
-        writer.write(struct.pack("<i", source_id) + record)
+        writer.write(encode_record(source_id, record))
       shard_hash.update(digest)
       shard_sources += ids
       shard_lengths += lengths

@@ -73,26 +73,21 @@ def run_tokenizer(cfg, identity: dict):
                                    "tokenizer.model"))
 
 
-def source_openings(cfg, identity: dict, ids: np.ndarray) -> list[np.ndarray]:
-  """The first OPENING tokens of each source's first document."""
-  if identity.get("corpus") == "builtin":
-    d = cfg.data
-    docs = (synthetic.generate(d.num_sources, d.facts_per_source, d.seed).docs
-            + synthetic.generate(d.val_sources, d.facts_per_source, d.seed + 1).docs)
-    return [docs[i - 1][:OPENING] for i in ids]
-  first = {}   # source id (offset as in training) -> (corpus, its first document)
-  corpora = [pipeline.open_prepared(c["path"], id_offset=c["id_offset"])
-             for c in identity["corpora"]]
-  for c, docs in enumerate(corpora):
-    for index, source in enumerate(docs.source_ids.tolist()):
-      first.setdefault(source, (c, index))
-  out, wanted = [None] * len(ids), {}
-  for position, i in enumerate(ids):
-    c, index = first[int(i)]
-    wanted.setdefault(c, []).append((position, index))
-  for c, items in wanted.items():   # one read call per corpus
-    for (position, _), tokens in zip(items, corpora[c].read([index for _, index in items])):
+def source_openings(data: pipeline.Data, ids) -> list[np.ndarray]:
+  """The first OPENING tokens of each trained source's first training document (`data`: the
+  run's, from pipeline.load)."""
+  ids = np.asarray(ids)
+  out = [None] * len(ids)
+  for stream in data.train.streams:
+    index = np.flatnonzero(stream.keep)
+    sources, first = np.unique(stream.docs.source_ids[index], return_index=True)
+    at = np.minimum(np.searchsorted(sources, ids), len(sources) - 1)
+    found = np.flatnonzero((sources[at] == ids) & np.asarray([o is None for o in out]))
+    for position, tokens in zip(found, stream.docs.read(index[first[at[found]]])):
       out[position] = tokens[:OPENING]
+  missing = [int(i) for i, o in zip(ids, out) if o is None]
+  if missing:
+    raise UserError(f"source(s) {missing[:10]} have no training document")
   return out
 
 
@@ -179,13 +174,13 @@ class Server:
                                                                   "trained"):
         self._router = Router(saved["ids"], saved["vectors"])
       else:   # candidates: the sources trained on (held-out sinks never learned anything)
-        cfg, _ = engine.trained_config(self.run_dir)
-        trained = set(pipeline.load(cfg, log=lambda *_: None).trained_sources().tolist())
+        data = pipeline.load(engine.trained_config(self.run_dir)[0], log=lambda *_: None)
+        trained = set(data.trained_sources().tolist())
         rows = [r for r in self.board.page(None, 0, 2**31) if r["id"] in trained]
         ids = np.asarray([r["id"] for r in rows], np.int32)
         vectors = Router.embed(self.setup, self.params, [self.encode(r["title"]) for r in rows])
         if self.router_text == "title+opening":
-          openings = source_openings(self.cfg, self.identity, ids)
+          openings = source_openings(data, ids)
           vectors = vectors + Router.embed(self.setup, self.params, [list(o) for o in openings])
           vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         np.savez(path, ids=ids, vectors=vectors, step=self.step, text=self.router_text,
