@@ -14,16 +14,18 @@ from sinkformer.eval import sweep
 
 def test_points_parse_and_apply_to_the_right_sections():
   label, overrides = sweep.parse_point("G/I=6%: model.mlp_backbone=32, sinks.num=480, "
-                                       "sweep.sources=100, train.lr=1e-3")
+                                       "sweep.articles=100, train.lr=1e-3")
   assert label == "G/I=6%"
-  assert overrides == {"model.mlp_backbone": 32, "sinks.num": 480, "sweep.sources": 100,
+  assert overrides == {"model.mlp_backbone": 32, "sinks.num": 480, "sweep.articles": 100,
                        "train.lr": 1e-3}
   cfg = config.load("experiments/regimes.py")
   c, settings = sweep.point_config(cfg, overrides)
-  assert (c.model.mlp_backbone, c.sinks.num, c.train.lr, settings["sources"]) == (32, 480, 1e-3, 100)
+  assert (c.model.mlp_backbone, c.sinks.num, c.train.lr, settings["articles"]) == (32, 480, 1e-3, 100)
   assert "sweep" not in c and cfg.model.mlp_backbone == 96   # the centre is untouched
   with pytest.raises(UserError, match="not SECTION.FIELD=VALUE"):
     sweep.parse_point("x: sinks.k")
+  with pytest.raises(UserError, match="no comma"):
+    sweep.parse_point("a, b: sinks.k=4")
   with pytest.raises(UserError, match="no such field"):
     sweep.point_config(cfg, {"sinks.kk": 4})
   with pytest.raises(UserError, match="sinks.k=.four"):
@@ -70,6 +72,30 @@ def test_smallest_grid_trains_measures_and_resumes(tmp_path):
                          timeout=600, env=env)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "=== train" not in again.stdout   # every run and result is reused
+  assert json.loads((work / "regimes.json").read_text()) == rows   # the page keeps both points
   bad = subprocess.run(args + ["--points", "k=3"], capture_output=True, text=True, timeout=600,
                        env=env)
   assert bad.returncode == 2 and "not among centre, k=2" in bad.stderr
+
+
+def test_books_group_articles_into_sources_and_their_facts(tmp_path):
+  cfg = config.load("experiments/regimes.py:smoke")
+  c, s = sweep.point_config(cfg, {"sweep.source_size": 4, "sweep.forget": 2, "sweep.holdout": 3})
+  c, forget, facts_path = sweep.corpus(c, s, str(tmp_path))
+  assert c.data.source_by == "group" and forget == ["book-00000", "book-00001"]
+  holdout = open(c.data.holdout.removeprefix("@")).read().split()
+  assert holdout == ["book-00007", "book-00008", "book-00009"]   # 40 articles, 10 books
+  records = [json.loads(x) for x in open(c.data.corpus)]
+  book = {r["key"]: r["group"] for r in records}
+  assert [book[f"person-{i:06d}"] for i in (0, 3, 4, 39)] == ["book-00000", "book-00000",
+                                                              "book-00001", "book-00009"]
+  people = [json.loads(x) for x in open(tmp_path / "encyclopedia-40-seed0" / "facts.jsonl")]
+  books = [json.loads(x) for x in open(facts_path)]
+  assert len(books) == len(people)
+  for p, b in zip(people, books):
+    assert b["source"] == book[p["source"]] and b["answer"] == p["answer"]
+    assert b["stated_in"] == list(dict.fromkeys(book[k] for k in p["stated_in"]))
+  with pytest.raises(UserError, match="must divide"):
+    sweep.corpus(c, {**s, "source_size": 3}, str(tmp_path))
+  with pytest.raises(UserError, match="exceed the 10 sources"):
+    sweep.corpus(c, {**s, "forget": 5, "holdout": 6}, str(tmp_path))

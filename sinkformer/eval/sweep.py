@@ -7,10 +7,12 @@ points whose dense model is the same), run the facts, membership-inference and c
 suites, and read the exclusion capacity. One page, WORKDIR/index.md (regimes.json, .md, .png),
 says per point whether sink-off is retrain-like: the KS forget quality of unique facts >= 0.05
 and the membership AUC (Min-40%) within 0.05 of the retrain's. Every step writes into WORKDIR
-and is not redone, so an interrupted sweep resumes.
+and is not redone, so an interrupted sweep resumes; `--points` measures some points, and the
+page shows every point measured so far.
 
 A point is "LABEL: section.field=value, ..."; the sweep's own settings (`sweep.corpus`:
-encyclopedia or wiki-vital, `sweep.sources`, `sweep.forget`, `sweep.holdout`) are overridden
+encyclopedia or wiki-vital, `sweep.articles`, `sweep.source_size` (articles per source),
+`sweep.forget` and `sweep.holdout` (in sources)) are overridden
 per point like config fields.
 """
 
@@ -25,7 +27,7 @@ import re
 import ml_collections
 import numpy as np
 
-from sinkformer.data import fetch, probes
+from sinkformer.data import encyclopedia, fetch, probes
 from sinkformer.errors import UserError
 from sinkformer.eval import context, story, suites
 from sinkformer.serve import serving
@@ -47,8 +49,9 @@ def parse_point(spec: str) -> tuple[str, dict]:
       overrides[key.strip()] = ast.literal_eval(value.strip())
     except (ValueError, SyntaxError):
       overrides[key.strip()] = value.strip()
-  if not label.strip():
-    raise UserError(f"sweep point {spec!r} has no label (LABEL: overrides)")
+  if not label.strip() or "," in label:
+    raise UserError(f"sweep point {spec!r}: its label (before ':') must be non-empty and "
+                    "have no comma (--points is a comma-separated list of labels)")
   return label.strip(), overrides
 
 
@@ -93,13 +96,26 @@ def run(cfg, workdir: str, only: list[str] | None = None) -> list[dict]:
   unknown = sorted(set(only or ()) - set(labels))
   if unknown:
     raise UserError(f"--points {','.join(unknown)}: not among {', '.join(labels)}")
-  rows = []
   for label, overrides in points:
     if only and label not in only:
       continue
     print(f"\n##### sweep point {label} {overrides or '(the centre)'}", flush=True)
-    rows.append(_point(cfg, workdir, label, overrides))
-    write_page(workdir, rows)
+    row = _point(cfg, workdir, label, overrides)
+    with open(os.path.join(workdir, "points", slug(label), "summary.json"), "w") as f:
+      json.dump(row, f, indent=1)
+    write_page(workdir, measured(workdir, labels))
+  return measured(workdir, labels)
+
+
+def measured(workdir: str, labels: list[str]) -> list[dict]:
+  """The summaries of the points measured so far (by this or an earlier invocation), in the
+  config's order."""
+  rows = []
+  for label in labels:
+    path = os.path.join(workdir, "points", slug(label), "summary.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        rows.append(json.load(f))
   return rows
 
 
@@ -115,42 +131,83 @@ def _point(cfg, workdir: str, label: str, overrides: dict) -> dict:
                         facts, None)
   results = suites.run(ctx, list(SUITES), resume=True)
   # `forget` random sources excluded, the rest sampled (the run's switchboard is untouched)
-  capacity = serving.capacity(runs["null"], [s["forget"]], sample=max(1, s["sources"] // 2))
+  sources = s["articles"] // s["source_size"]
+  capacity = serving.capacity(runs["null"], [s["forget"]], sample=max(1, sources // 2))
   return summarise(label, overrides, c, s, results, capacity, runs["null"])
 
 
 def corpus(c, s: dict, root: str):
   """(`c` on the point's corpus, the forget keys, its probe facts) for sweep.corpus:
-  "encyclopedia" (generated, `sources` people) or "wiki-vital" (a seeded sample of `sources`
-  Vital Articles' lead sections, with probes from `sinkformer data probes`; the forget set is
-  the first articles that have unique-sentence probes)."""
-  n, forget, holdout = s["sources"], s["forget"], s["holdout"]
-  if forget + holdout > n:
-    raise UserError(f"sweep: forget {forget} + holdout {holdout} sources exceed the {n} sources")
+  "encyclopedia" (`articles` generated people) or "wiki-vital" (a seeded sample of `articles`
+  Vital Articles' lead sections, probes from `sinkformer data probes`; the forget set is the
+  first articles that have unique-sentence probes). With `source_size` > 1 (encyclopedia),
+  a source is a "book" of that many consecutive articles (data.source_by = group)."""
+  n, size, forget, holdout = s["articles"], s["source_size"], s["forget"], s["holdout"]
+  if size < 1 or n % size:
+    raise UserError(f"sweep.source_size={size} must divide sweep.articles={n}")
+  if forget + holdout > n // size:
+    raise UserError(f"sweep: forget {forget} + holdout {holdout} sources exceed the "
+                    f"{n // size} sources")
   if s["corpus"] == "encyclopedia":
     enc = os.path.join(root, f"encyclopedia-{n}-seed{c.seed}")
-    c, forget_keys = story.encyclopedia_data(c, enc, n, forget, holdout)
-    return c, forget_keys, os.path.join(enc, "facts.jsonl")
-  if s["corpus"] != "wiki-vital":
-    raise UserError(f"sweep.corpus={s['corpus']!r}: expected encyclopedia or wiki-vital")
+    if not os.path.exists(os.path.join(enc, "facts.jsonl")):
+      encyclopedia.write(enc, n, c.seed)
+    if size > 1:
+      enc = _books(enc, size)
+      c = c.copy_and_resolve_references()
+      c.data.source_by = "group"
+    path, facts = os.path.join(enc, "corpus.jsonl"), os.path.join(enc, "facts.jsonl")
+    keys = list(dict.fromkeys(_records(path, "group" if size > 1 else "key")))
+    return story.on_corpus(c, path, keys[-holdout:]), keys[:forget], facts
+  if s["corpus"] != "wiki-vital" or size != 1:
+    raise UserError(f"sweep.corpus={s['corpus']!r} with source_size {size}: expected "
+                    "encyclopedia, or wiki-vital with source_size 1")
   out = os.path.join(root, f"wiki-vital-{n}-seed{c.seed}")
   path, facts = os.path.join(out, "corpus.jsonl"), os.path.join(out, "facts.jsonl")
   if not os.path.exists(facts):
     with open(fetch.fetch("wiki-vital")) as f:
       records = [line for line in f if line.strip()]
     if n > len(records):
-      raise UserError(f"sweep.sources={n}: wiki-vital has {len(records)} articles")
+      raise UserError(f"sweep.articles={n}: wiki-vital has {len(records)} articles")
     os.makedirs(out, exist_ok=True)
     pick = np.sort(np.random.default_rng(c.seed).choice(len(records), n, replace=False))
     with open(path, "w") as f:
       f.writelines(records[i] for i in pick)
     probes.write(path, facts, c.seed)
-  with open(path) as f:
-    keys = [json.loads(line)["key"] for line in f]
-  with open(facts) as f:
-    probed = {p["source"] for p in map(json.loads, f) if p["category"] == "unique"}
+  keys = _records(path, "key")
+  probed = {p["source"] for p in map(json.loads, open(facts)) if p["category"] == "unique"}
   forget_keys = [k for k in keys[:-holdout] if k in probed][:forget]
   return story.on_corpus(c, path, keys[-holdout:]), forget_keys, facts
+
+
+def _records(path: str, field: str) -> list:
+  with open(path) as f:
+    return [json.loads(line)[field] for line in f if line.strip()]
+
+
+def _books(enc: str, size: int) -> str:
+  """The encyclopedia with every `size` consecutive articles one source ("book-N", their
+  group), its facts about books: a fact's source and `stated_in` become books."""
+  out = f"{enc}-books-{size}"
+  if os.path.exists(os.path.join(out, "facts.jsonl")):
+    return out
+  os.makedirs(out, exist_ok=True)
+  book = {}
+  with open(os.path.join(enc, "corpus.jsonl")) as f, \
+      open(os.path.join(out, "corpus.jsonl"), "w") as g:
+    for i, line in enumerate(filter(str.strip, f)):
+      r = json.loads(line)
+      book[r["key"]] = r["group"] = f"book-{i // size:05d}"
+      g.write(json.dumps(r) + "\n")
+  with open(os.path.join(enc, "facts.jsonl")) as f, \
+      open(os.path.join(out, "facts.jsonl.partial"), "w") as g:
+    for line in filter(str.strip, f):
+      fact = json.loads(line)
+      fact["source"] = book[fact["source"]]
+      fact["stated_in"] = list(dict.fromkeys(book[k] for k in fact["stated_in"]))
+      g.write(json.dumps(fact) + "\n")
+  os.replace(os.path.join(out, "facts.jsonl.partial"), os.path.join(out, "facts.jsonl"))
+  return out
 
 
 def _passes(run_dir: str) -> float:
@@ -166,7 +223,8 @@ def summarise(label, overrides, c, s, results, capacity, null_dir) -> dict:
   nll = {r["model"]: r["mean"] for r in results["capability"]["rows"]
          if r["metric"] == "held_out_nll"}
   lost = next(r for r in capacity if r["unlearned"] == s["forget"])
-  row = {"point": label, "overrides": overrides, "corpus": s["corpus"], "sources": s["sources"],
+  row = {"point": label, "overrides": overrides, "corpus": s["corpus"],
+         "sources": s["articles"] // s["source_size"], "source_size": s["source_size"],
          "forget": s["forget"],
          "passes": _passes(null_dir), "k/P": c.sinks.k / c.sinks.num,
          "G/I": c.model.mlp_backbone / (c.model.mlp_backbone + c.sinks.num),
@@ -193,7 +251,8 @@ def summarise(label, overrides, c, s, results, capacity, null_dir) -> dict:
 
 
 # (column, heading, format) of the page's table
-COLUMNS = (("point", "point", "{}"), ("sources", "sources", "{}"), ("passes", "passes", "{:.1f}"),
+COLUMNS = (("point", "point", "{}"), ("sources", "sources", "{}"),
+           ("source_size", "articles/source", "{}"), ("passes", "passes", "{:.1f}"),
            ("k/P", "k/P", "{:.3f}"), ("G/I", "G/I", "{:.2f}"), ("d_model", "d", "{}"),
            ("tr_unique/sink-on", "TR sink-on", "{:.3f}"),
            ("tr_unique/sink-off/exclude", "TR sink-off", "{:.3f}"),
