@@ -76,27 +76,31 @@ def _source_of(key, title, group, origin, source_by: str) -> tuple[str, str, str
   return key, title, group
 
 
-def prepare(corpus: str, out: str, *, vocab_size: int = 8192, tokenizer: str | None = None,
-            source_by: str = "document", skip_bad: bool = False, shard_docs: int | None = None,
-            group_size: int = 1, tfds: bool = False, data_dir: str | None = None,
-            tfds_dir: str | None = None, workers: int | None = None, seed: int = 0,
-            log=print) -> dict:
-  """Prepare `corpus` into `out` (continuing an interrupted prepare of the same arguments);
-  returns the manifest."""
+def prepare(corpus: str, out: str, log=print, **options) -> dict:
+  """Prepare `corpus` into `out`, a directory or a bucket path (made in a local staging
+  directory, then published manifest last); `options` as for `prepare_local`. Returns the
+  manifest."""
+  if not storage.is_remote(out):
+    return prepare_local(corpus, out, log=log, **options)
+  if (storage.path(out) / "manifest.json").exists():
+    raise UserError(f"{out} is already prepared; remove it or choose another --out")
+  local = storage.staging(out)
+  manifest = prepare_local(corpus, local, log=log, **options)
+  log(f"uploading to {out}")
+  storage.publish(local, out, last="manifest.json")
+  storage.keep_as_cache(local, out)
+  return manifest
+
+
+def prepare_local(corpus: str, out: str, *, vocab_size: int = 8192,
+                  tokenizer: str | None = None, source_by: str = "document",
+                  skip_bad: bool = False, shard_docs: int | None = None, group_size: int = 1,
+                  tfds: bool = False, data_dir: str | None = None, tfds_dir: str | None = None,
+                  workers: int | None = None, seed: int = 0, log=print) -> dict:
+  """Prepare `corpus` into the local directory `out` (continuing an interrupted prepare of
+  the same arguments); returns the manifest."""
   if source_by not in ("document", "group"):
     raise UserError(f"--source_by must be 'document' or 'group', not {source_by!r}")
-  if storage.is_remote(out):   # made locally, then published (storage.publish)
-    if (storage.path(out) / "manifest.json").exists():
-      raise UserError(f"{out} is already prepared; remove it or choose another --out")
-    local = storage.staging(out)
-    manifest = prepare(corpus, local, vocab_size=vocab_size, tokenizer=tokenizer,
-                       source_by=source_by, skip_bad=skip_bad, shard_docs=shard_docs,
-                       group_size=group_size, tfds=tfds, data_dir=data_dir, tfds_dir=tfds_dir,
-                       workers=workers, seed=seed, log=log)
-    log(f"uploading to {out}")
-    storage.publish(local, out, last="manifest.json")
-    storage.keep_as_cache(local, out)
-    return manifest
   if os.path.exists(os.path.join(out, "manifest.json")):
     raise UserError(f"{out} is already prepared; remove it or choose another --out")
   start = time.perf_counter()
@@ -134,8 +138,8 @@ def prepare(corpus: str, out: str, *, vocab_size: int = 8192, tokenizer: str | N
 
 def _fingerprint(path: str):
   """What says the corpus is the one an interrupted prepare read (files: size and mtime)."""
-  p = storage.path(path) if storage.is_remote(path) or os.path.exists(path) else None
-  if p is not None and p.is_file():
+  p = storage.path(path)
+  if p.is_file():
     info = p.stat()
     return [info.length, info.mtime]
   return path
