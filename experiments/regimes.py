@@ -10,8 +10,8 @@ Wikipedia Vital Articles' lead sections, `sinkformer data fetch wiki-vital`), so
 articles each (a "book": does k have to grow with it?); then the ways to keep
 source-specific facts out of attention and embeddings (C1-C3: per-source attention heads, a
 slower backbone, a more strongly decayed backbone). Every point trains a NULL and its retrain
-oracle (the dense control is shared where it is the same model); ~3 minutes a point on 2 CPU
-cores.
+oracle (the dense control is shared where it is the same model): on 2 CPU cores ~3.5 minutes
+a point, ~6 with its own dense control, longer for 4x passes and d 256.
 
 Presets: smoke = two points of a tiny model (tests); leak = the centre and the leak variants.
 """
@@ -37,6 +37,9 @@ LEAK = (
     "C1 sink heads: sinks.attn_heads=2, sinks.attn_k=1",
     "C2 backbone lr/10: train.backbone_lr_scale=0.1",
     "C3 backbone decay*10: train.backbone_decay_scale=10.0",
+    "C2 backbone lr/3: train.backbone_lr_scale=0.33",
+    "C1+C2 heads + backbone lr/3: sinks.attn_heads=2, sinks.attn_k=1, "
+    "train.backbone_lr_scale=0.33",
 )
 PRESETS = {
     "smoke": {"model.d_model": 64, "model.num_layers": 2, "model.num_heads": 2,

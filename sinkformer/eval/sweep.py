@@ -109,13 +109,19 @@ def run(cfg, workdir: str, only: list[str] | None = None) -> list[dict]:
 
 def measured(workdir: str, labels: list[str]) -> list[dict]:
   """The summaries of the points measured so far (by this or an earlier invocation), in the
-  config's order."""
+  config's order, each with its NULL's held-out NLL relative to the first point's (the centre)
+  where both are measured on the same documents."""
   rows = []
   for label in labels:
     path = os.path.join(workdir, "points", slug(label), "summary.json")
     if os.path.exists(path):
       with open(path) as f:
         rows.append(json.load(f))
+  same_data = lambda r: (r["corpus"], r["sources"], r["source_size"], r["forget"])
+  for r in rows:
+    centre = rows[0] if rows and rows[0]["point"] == labels[0] else None
+    r["nll_vs_centre"] = (r["nll/null"] / centre["nll/null"] - 1
+                          if centre and same_data(r) == same_data(centre) else None)
   return rows
 
 
@@ -265,7 +271,9 @@ COLUMNS = (("point", "point", "{}"), ("sources", "sources", "{}"),
            ("auc/backbone", "AUC backbone", "{:.3f}"),
            ("auc/all-mlp-off", "AUC all-MLP-off", "{:.3f}"),
            ("auc/retrain", "AUC retrain", "{:.3f}"),
-           ("nll_cost", "NLL vs dense", "{:+.1%}"), ("capacity_lost", "sinks lost", "{:.3f}"),
+           ("nll_cost", "NLL vs dense", "{:+.1%}"),
+           ("nll_vs_centre", "NLL vs centre NULL", "{:+.1%}"),
+           ("capacity_lost", "sinks lost", "{:.3f}"),
            ("retrain_like/sink-off/exclude", "sink-off retrain-like", "{}"),
            ("retrain_like/backbone", "backbone retrain-like", "{}"))
 
@@ -287,11 +295,12 @@ def write_page(workdir: str, rows: list[dict]):
     f.write(md)
   print(md)
   _plot(os.path.join(workdir, "regimes.png"), rows)
-  legend = (f"Unique facts of the {rows[0]['forget']} forget sources: mean log Truth Ratio "
-            "(TR), KS forget quality against the retrain (KS p), membership AUC "
-            f"({MIA_SCORE}, forget vs never-seen documents; 0.5 = indistinguishable); held-out "
-            "NLL of the NULL's deployed path vs the dense control; sinks lost = mean share of "
-            "a retained source's sinks zeroed by excluding the forget set. Retrain-like: KS p "
+  legend = (f"Unique facts of the forget sources: mean log Truth Ratio (TR), KS forget "
+            f"quality against the retrain (KS p), membership AUC ({MIA_SCORE}, forget vs "
+            "never-seen documents; 0.5 = indistinguishable); held-out NLL of the NULL's "
+            "deployed path vs the dense control, and vs the centre's NULL where both are "
+            "measured on the same documents; sinks lost = mean share of a retained source's "
+            "sinks zeroed by excluding as many sources as the forget set. Retrain-like: KS p "
             f">= {KS_LEVEL} and AUC within {AUC_MARGIN} of the retrain's.")
   with open(os.path.join(workdir, "index.md"), "w") as f:
     f.write(f"# sinkformer sweep: the regime map\n\n{legend}\n\n{md}\n![regimes](regimes.png)\n\n"
