@@ -56,11 +56,16 @@ def _name(rng, capital=True) -> str:
 
 
 def _distinct(rng, make, count: int, avoid=()) -> list:
-  out = []
+  out, seen, misses = [], set(avoid), 0
   while len(out) < count:
     x = make()
-    if x not in out and x not in avoid:
-      out.append(x)
+    if x in seen:
+      misses += 1
+      if misses > 1000 + 100 * count:   # the space is (nearly) exhausted: never loop forever
+        raise ValueError(f"cannot draw {count} distinct values (got {len(out)})")
+      continue
+    seen.add(x)
+    out.append(x)
   return out
 
 
@@ -73,7 +78,11 @@ def generate(num_people: int, seed: int = 0, towns: int | None = None,
   town_names = _distinct(rng, lambda: _name(rng) + rng.choice(["ford", "wick", "ham", "by"]), towns)
   rivers = _distinct(rng, lambda: _name(rng), towns)
   founded = [int(y) for y in rng.integers(900, 1500, towns)]
-  books = _distinct(rng, lambda: f"The {rng.choice(WORDS)} {rng.choice(WORDS)}", num_people)
+  title = lambda: f"The {rng.choice(WORDS)} {rng.choice(WORDS)}"
+  if num_people > len(WORDS) ** 2 * 7 // 10:   # too few two-word titles: name a place too
+    books = _distinct(rng, lambda: f"{title()} of {_name(rng)}", num_people)
+  else:
+    books = _distinct(rng, title, num_people)
   pets = _distinct(rng, lambda: _name(rng), num_people)
   people = []
   for i, name in enumerate(names):
