@@ -23,7 +23,7 @@ AXES = (
     "sources=100: sweep.articles=100",
     "sources=1600: sweep.articles=1600",
     "passes/4: train.steps=40, train.warmup_steps=4",
-    "passes*4: train.steps=640",
+    "passes x4: train.steps=640",
     "k=4: sinks.k=4",
     "k=64: sinks.k=64",
     "G/I=6%: model.mlp_backbone=32, sinks.num=480",

@@ -20,10 +20,15 @@ def test_points_parse_and_apply_to_the_right_sections():
                        "train.lr": 1e-3}
   cfg = config.load("experiments/regimes.py")
   c, settings = sweep.point_config(cfg, overrides)
-  assert (c.model.mlp_backbone, c.sinks.num, c.train.lr, settings["articles"]) == (32, 480, 1e-3, 100)
+  assert (c.model.mlp_backbone, c.sinks.num, c.train.lr) == (32, 480, 1e-3)
+  assert settings["articles"] == 100
   assert "sweep" not in c and cfg.model.mlp_backbone == 96   # the centre is untouched
   with pytest.raises(UserError, match="not SECTION.FIELD=VALUE"):
     sweep.parse_point("x: sinks.k")
+  with pytest.raises(UserError, match="distinct as directory names"):
+    points = "('passes/4: train.steps=40', 'passes*4: train.steps=640')"
+    sweep.run(config.load("experiments/regimes.py", (f"--config.sweep.points={points}",)),
+              "/nonexistent")
   with pytest.raises(UserError, match="no comma"):
     sweep.parse_point("a, b: sinks.k=4")
   with pytest.raises(UserError, match="no such field"):

@@ -91,8 +91,9 @@ def run(cfg, workdir: str, only: list[str] | None = None) -> list[dict]:
                     "sweep.points to yours)")
   points = [parse_point(p) for p in cfg.sweep.points]
   labels = [label for label, _ in points]
-  if len(set(labels)) != len(labels):
-    raise UserError(f"sweep points need distinct labels, got {labels}")
+  if len({slug(label) for label in labels}) != len(labels):   # a point's directory
+    raise UserError(f"sweep points need labels that stay distinct as directory names "
+                    f"({', '.join(slug(label) for label in labels)})")
   unknown = sorted(set(only or ()) - set(labels))
   if unknown:
     raise UserError(f"--points {','.join(unknown)}: not among {', '.join(labels)}")
