@@ -119,8 +119,8 @@ def measured(workdir: str, labels: list[str]) -> list[dict]:
       with open(path) as f:
         rows.append(json.load(f))
   same_data = lambda r: (r["corpus"], r["sources"], r["source_size"], r["forget"])
+  centre = rows[0] if rows and rows[0]["point"] == labels[0] else None
   for r in rows:
-    centre = rows[0] if rows and rows[0]["point"] == labels[0] else None
     r["nll_vs_centre"] = (r["nll/null"] / centre["nll/null"] - 1
                           if centre and same_data(r) == same_data(centre) else None)
   return rows
@@ -182,7 +182,8 @@ def corpus(c, s: dict, root: str):
       f.writelines(records[i] for i in pick)
     probes.write(path, facts, c.seed)
   keys = _records(path, "key")
-  probed = {p["source"] for p in map(json.loads, open(facts)) if p["category"] == "unique"}
+  with open(facts) as f:
+    probed = {p["source"] for p in map(json.loads, f) if p["category"] == "unique"}
   forget_keys = [k for k in keys[:-holdout] if k in probed][:forget]
   return story.on_corpus(c, path, keys[-holdout:]), forget_keys, facts
 
