@@ -68,7 +68,7 @@ class Checkpoints:
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
             save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=True,
-            create=True),
+            create=True, cleanup_tmp_directories=True),   # what a killed save left behind
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
 

@@ -64,15 +64,40 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, uninterrupted):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_where_it_stopped_and_resumes_exactly(tmp_path, uninterrupted):
-  proc = interrupt(tmp_path, signal.SIGTERM, after_step=3)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_where_it_stopped_and_resumes_exactly(tmp_path, uninterrupted,
+                                                                      sig):
+  proc = interrupt(tmp_path, sig, after_step=3)
   output = proc.stdout.read()
-  assert proc.returncode == 0, output
+  assert proc.returncode == 128 + sig, output
   stopped = max(logged_steps(tmp_path))
-  assert f"SIGTERM: stopped after step {stopped}, checkpoint saved" in output
+  assert f"{sig.name}: stopped after step {stopped}, checkpoint saved" in output
+  assert "to resume, run the same command again: sinkformer train --config" in output
+  assert "Traceback" not in output
   assert checkpoint.locate(str(tmp_path / "checkpoints"))[1] == stopped
+  assert not list((tmp_path / "checkpoints").glob("*tmp*"))   # no half-written save
   subprocess.run(train_cmd(tmp_path), check=True, capture_output=True, timeout=600)
   assert final_hash(tmp_path) == uninterrupted
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_compilation_stops_cleanly(tmp_path):
+  """Ctrl-C while XLA compiles (the run's first minutes) used to end in a segfault: now
+  it waits for the compile, runs no step and exits 130 with the resume line."""
+  proc = subprocess.Popen(train_cmd(tmp_path), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in proc.stdout:   # the model line comes just before compilation
+    lines.append(line)
+    if " model: " in line:
+      break
+  proc.send_signal(signal.SIGINT)
+  output = "".join(lines) + proc.stdout.read()
+  proc.wait(timeout=300)
+  assert proc.returncode == 130, output
+  assert "SIGINT: stopped before step 1; nothing new to save" in output, output
+  assert "Segmentation" not in output and "Traceback" not in output
+  assert logged_steps(tmp_path) == []
 
 
 @pytest.mark.slow
@@ -100,10 +125,12 @@ def test_a_checkpoint_from_another_architecture_is_refused(smoke_cfg, tmp_path):
     trainer.train(other, str(tmp_path))
   assert "sinks.k: checkpoint 8 != config 4" in str(e.value)
   assert "sinks.seed: checkpoint 0 != config 7" in str(e.value)
-  # Other shapes are refused before any array is read, and the checkpoint stays where it is.
+  # Other shapes are refused before any array is read, and nothing in the run changes.
+  before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
   wider = config.load("experiments/quickstart.py:smoke", ("--config.model.d_model=32",))
   with pytest.raises(UserError, match="model.d_model: checkpoint 64 != config 32"):
     trainer.train(wider, str(tmp_path))
+  assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
   assert checkpoint.locate(str(tmp_path / "checkpoints"))[1] == 3
   # How the model runs is not what it is: another remat/attention/loop resumes.
   smoke_cfg.model.update(remat="full", scan_layers=False)

@@ -9,13 +9,14 @@ its own absl flags; `--config` is an ml_collections config file with presets aft
 from __future__ import annotations
 
 import contextlib
+import shlex
 import sys
 
 from absl import flags
 
 from sinkformer import storage
 from sinkformer.cli import bench, data, eval as eval_cmds, sources, train
-from sinkformer.errors import PARSE_ERRORS, UserError, one_line
+from sinkformer.errors import PARSE_ERRORS, Stopped, UserError, one_line
 
 PROG = "sinkformer"
 # name -> (summary, define_flags(fv, argv), action, required flags[, positional arguments])
@@ -95,6 +96,10 @@ def main():
   except UserError as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     sys.exit(2)
+  except Stopped as e:   # saved where it was: the same command continues
+    print(f"{PROG}: {e}; to resume, run the same command again: "
+          f"{shlex.join([PROG, *sys.argv[1:]])}", file=sys.stderr, flush=True)
+    sys.exit(128 + e.signum)
   except KeyboardInterrupt:
     print(f"{PROG}: interrupted", file=sys.stderr)
     sys.exit(130)

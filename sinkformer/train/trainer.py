@@ -8,9 +8,11 @@ restart anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sys
 import time
 from functools import partial
 
@@ -21,7 +23,7 @@ import optax
 
 from sinkformer import checkpoint, engine, storage
 from sinkformer.data import pipeline
-from sinkformer.errors import UserError
+from sinkformer.errors import Stopped, UserError
 from sinkformer.model import flops, sinks, transformer
 from sinkformer.parallel import mesh as mesh_lib
 from sinkformer.serve import switchboard
@@ -145,15 +147,39 @@ def _evaluate(setup: engine.Setup, eval_fn, params, splits: dict) -> dict:
 def train(cfg, workdir: str, devices=None):
   """Train in `workdir` (a local path or a bucket: see storage.run_dir), resuming from its
   newest intact checkpoint if there is one; see _train."""
-  with storage.run_dir(workdir, write=jax.process_index() == 0) as local:
-    return _train(cfg, local, devices)
+  with storage.run_dir(workdir, write=jax.process_index() == 0) as local, _signals() as stop:
+    return _train(cfg, local, devices, stop)
 
 
-def _train(cfg, workdir: str, devices=None):
+@contextlib.contextmanager
+def _signals():
+  """SIGINT (Ctrl-C) and SIGTERM (preemption) ask the loop to save and stop after the step
+  in flight, however long that is (compilation included: interrupting XLA or an Orbax save
+  half-way is what crashes). A second Ctrl-C quits at once, without saving."""
+  stop: list[int] = []
+
+  def ask(signum, _):
+    if not stop and signum == signal.SIGINT:
+      print("\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to "
+            "quit without saving)", file=sys.stderr, flush=True)
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+    stop.append(signum)
+
+  previous = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield stop
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
+def _train(cfg, workdir: str, devices=None, stop=()):
   """Train, resuming from the workdir's newest intact checkpoint if there is one.
 
-  Returns (final state, list of logged metric dicts). Call it from the main thread (it
-  handles SIGTERM by saving and stopping).
+  Returns (final state, list of logged metric dicts); raises Stopped once `stop` holds a
+  signal (the train() wrapper fills it from SIGINT and SIGTERM), after saving. Call it
+  from the main thread. Nothing is written into the run directory before the resume
+  checks pass (a refused resume leaves it as it was).
 
   Every `eval_every` steps the loss is measured with each document's own sinks and with the
   backbone only, on training sources ("seen") and on held-out sources ("unseen"): the gap
@@ -166,13 +192,19 @@ def _train(cfg, workdir: str, devices=None):
   rows = engine.process_rows(setup)
 
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json(indent=2))
-    switchboard.create(workdir, data.catalog, data.sources)   # once; resumes keep it
   ckpts = checkpoint.Checkpoints(storage.checkpoints_of(workdir), t.checkpoint_every,
                                  t.keep_checkpoints)
-  state, restored = resume_or_init(setup, ckpts, data.identity)
+  try:
+    state, restored = resume_or_init(setup, ckpts, data.identity)
+  except BaseException:
+    ckpts.close()
+    raise
+  if jax.process_index() == 0:   # the checks passed: now the run directory is written
+    tmp = os.path.join(workdir, "config.json.tmp")
+    with open(tmp, "w") as f:
+      f.write(cfg.to_json(indent=2))
+    os.replace(tmp, os.path.join(workdir, "config.json"))
+    switchboard.create(workdir, data.catalog, data.sources)   # once; resumes keep it
   data.train.remember(restored.get("data_rows", []))   # no need to plan the epochs behind
   first = int(state["step"])
   reporter = report.Reporter(workdir, t.steps, first)
@@ -190,9 +222,6 @@ def _train(cfg, workdir: str, devices=None):
   train_fn = compile_train_step(setup, state, example)
   eval_fn = compile_eval_step(setup, state["params"], example) if t.eval_every else None
 
-  # SIGTERM (preemption): finish the step in flight, save, and stop.
-  stop = []
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
   history, pending, data_time = [], [], 0.0
   meta = {"config": json.loads(cfg.to_json()), "data": data.identity,
           "layout": {"mesh": dict(setup.mesh.shape), "processes": jax.process_count()}}
@@ -200,50 +229,56 @@ def _train(cfg, workdir: str, devices=None):
   batches = pipeline.iterate(data.train, first, t.steps, rows, threads=d.workers,
                              put=lambda local: engine.put_batch(setup, local, rows))
   start = last = time.perf_counter()
-  for step in range(first, t.steps):
-    t0 = time.perf_counter()
-    batch = next(batches)   # already on the devices
-    data_time += time.perf_counter() - t0
-    state, metrics = train_fn(state, batch)
-    pending.append(metrics)
-    done = step + 1
-    saved = (done % t.checkpoint_every == 0 or done == t.steps or bool(stop)) and ckpts.save(
-        done, state, {**meta, "data_rows": data.train.rows_per_epoch()}, force=True)
-    reporter.advance(1)
-    if saved and jax.process_index() == 0 and storage.is_remote(storage.checkpoints_of(workdir)):
-      reporter.flush()
-      storage.push(workdir)   # the bucket's metrics keep up with its checkpoints
-    if done % t.log_every == 0 or done == t.steps:
-      fetched = jax.device_get(pending)
-      now = time.perf_counter()
-      elapsed, steps = now - last, len(fetched)
-      tok_s = steps * tokens_per_step / elapsed
-      row = {"loss": float(np.mean([m["loss"] for m in fetched])),
-             "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(fetched[-1]["lr"]),
-             "tokens_per_s": tok_s, "mfu": flops.mfu(tok_s, flops_token, peak, setup.mesh.size),
-             "data_frac": data_time / elapsed, "epoch": data.train.epoch_of(done)}
-      eta = (now - start) / (done - first) * (t.steps - done)
-      reporter.line(f"step {done}/{t.steps} | loss {row['loss']:.4f} | "
-                    f"{report.human(tok_s)} tok/s | MFU {100 * row['mfu']:.2f}% | "
-                    f"data {100 * row['data_frac']:.1f}% | ETA {report.duration(eta)}")
-      reporter.scalars(done, row, "train")
-      reporter.per_source(done, *_aggregate_sources([m["docs"] for m in fetched]))
-      reporter.postfix(f"loss {row['loss']:.3f}")
-      history.append({"step": done, **row})
-      pending, data_time, last = [], 0.0, time.perf_counter()
-    if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
-      row = _evaluate(setup, eval_fn, state["params"], {"seen": data.seen, "unseen": data.unseen})
-      reporter.line(f"eval {done}: " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
-      reporter.scalars(done, row, "val")
-      history.append({"step": done, "split": "val", **row})
-      last = time.perf_counter()   # eval time is not training throughput
-    if stop:   # the signal may have arrived after this step's save decision
-      if not saved:
-        ckpts.save(done, state, {**meta, "data_rows": data.train.rows_per_epoch()}, force=True)
-      reporter.line(f"SIGTERM: stopped after step {done}, checkpoint saved")
-      break
-  ckpts.wait()
-  ckpts.close()
-  signal.signal(signal.SIGTERM, previous_handler)
-  reporter.close()
+  try:
+    if stop:   # asked during loading or compilation: no step has run since the checkpoint
+      raise Stopped(stop[0], first, False)
+    for step in range(first, t.steps):
+      t0 = time.perf_counter()
+      batch = next(batches)   # already on the devices
+      data_time += time.perf_counter() - t0
+      state, metrics = train_fn(state, batch)
+      pending.append(metrics)
+      done = step + 1
+      saved = (done % t.checkpoint_every == 0 or done == t.steps or bool(stop)) and ckpts.save(
+          done, state, {**meta, "data_rows": data.train.rows_per_epoch()}, force=True)
+      reporter.advance(1)
+      if saved and jax.process_index() == 0 and storage.is_remote(storage.checkpoints_of(workdir)):
+        reporter.flush()
+        storage.push(workdir)   # the bucket's metrics keep up with its checkpoints
+      if done % t.log_every == 0 or done == t.steps:
+        fetched = jax.device_get(pending)
+        now = time.perf_counter()
+        elapsed, steps = now - last, len(fetched)
+        tok_s = steps * tokens_per_step / elapsed
+        row = {"loss": float(np.mean([m["loss"] for m in fetched])),
+               "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(fetched[-1]["lr"]),
+               "tokens_per_s": tok_s, "mfu": flops.mfu(tok_s, flops_token, peak, setup.mesh.size),
+               "data_frac": data_time / elapsed, "epoch": data.train.epoch_of(done)}
+        eta = (now - start) / (done - first) * (t.steps - done)
+        reporter.line(f"step {done}/{t.steps} | loss {row['loss']:.4f} | "
+                      f"{report.human(tok_s)} tok/s | MFU {100 * row['mfu']:.2f}% | "
+                      f"data {100 * row['data_frac']:.1f}% | ETA {report.duration(eta)}")
+        reporter.scalars(done, row, "train")
+        reporter.per_source(done, *_aggregate_sources([m["docs"] for m in fetched]))
+        reporter.postfix(f"loss {row['loss']:.3f}")
+        history.append({"step": done, **row})
+        pending, data_time, last = [], 0.0, time.perf_counter()
+      if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
+        row = _evaluate(setup, eval_fn, state["params"], {"seen": data.seen, "unseen": data.unseen})
+        reporter.line(f"eval {done}: " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
+        reporter.scalars(done, row, "val")
+        history.append({"step": done, "split": "val", **row})
+        last = time.perf_counter()   # eval time is not training throughput
+      if stop:   # the signal may have arrived after this step's save decision
+        if not saved:
+          ckpts.save(done, state, {**meta, "data_rows": data.train.rows_per_epoch()}, force=True)
+        ckpts.wait()
+        stopped = Stopped(stop[0], done, True)
+        reporter.line(str(stopped))
+        raise stopped
+  finally:
+    ckpts.wait()
+    ckpts.close()
+    reporter.close()
   return state, history
+
