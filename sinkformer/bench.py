@@ -370,7 +370,7 @@ def unlearning(run_dir: str, catalog: str | None = None, requests: int = 200,
     if catalog:
       switchboard.create(tmp, catalog)
     else:
-      shutil.copy(os.path.join(run_dir, switchboard.FILE), tmp)
+      switchboard.copy(run_dir, tmp)
     server = serving.Server(tmp)
     total = len(server.board.catalog)
     rng = np.random.default_rng(0)

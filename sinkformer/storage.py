@@ -26,6 +26,7 @@ from etils import epath
 from sinkformer.errors import UserError
 
 REMOTE_MARK = ".remote"   # in a mirror: the URI of the run directory it mirrors
+LOCAL_ONLY = ("checkpoints", REMOTE_MARK, "servers")   # never mirrored (servers: live processes)
 PROBE_SECONDS = 10.0
 
 
@@ -166,10 +167,11 @@ def _mirror(run_dir: str) -> dict | None:
 
 
 def _files(root: epath.Path) -> dict[str, epath.Path]:
-  """A run directory's files by relative path, less checkpoints and SQLite's side files."""
+  """A run directory's files by relative path, less checkpoints, live servers' entries and
+  SQLite's side files."""
   out = {}
   for entry in root.iterdir():
-    if entry.name in ("checkpoints", REMOTE_MARK) or entry.name.endswith(("-wal", "-shm", ".tmp")):
+    if entry.name in LOCAL_ONLY or entry.name.endswith(("-wal", "-shm", ".tmp")):
       continue
     for f in files(entry) if entry.is_dir() else [entry]:
       out[f.relative_to(root).as_posix()] = f
@@ -180,11 +182,11 @@ def _contents(f: epath.Path) -> bytes:
   """A file's bytes; a SQLite database's through its backup API (committed pages that are
   still in its write-ahead log included)."""
   if f.name.endswith(".sqlite") and not is_remote(f):
-    import sqlite3
     import tempfile
+    from sinkformer.data import catalog
     with tempfile.TemporaryDirectory() as tmp:
       snap = os.path.join(tmp, "snapshot.sqlite")
-      src, dst = sqlite3.connect(os.fspath(f)), sqlite3.connect(snap)
+      src, dst = catalog.connect(os.fspath(f), "ro"), catalog.connect(snap, "rwc")
       src.backup(dst)
       src.close()
       dst.close()
@@ -204,7 +206,12 @@ def _save_mirror(run_dir: str, mirror: dict):
 
 
 def pull(uri: str) -> str:
-  """The local mirror of remote run directory `uri`, with its files (not checkpoints)."""
+  """The local mirror of remote run directory `uri`, with its files (not checkpoints).
+
+  Other processes of this host may be using the mirror: a database is replaced through
+  SQLite (its backup API, under its locks), never by writing over the file; an append-only
+  file (the ledger journal) is only ever extended, and a local one that is already longer
+  (changes not yet pushed) is kept; the switchboard then brings its database up to it."""
   local = _slot("runs", uri)
   remote = path(uri)
   os.makedirs(local, exist_ok=True)
@@ -212,15 +219,50 @@ def pull(uri: str) -> str:
   if remote.exists():
     for rel, f in _files(remote).items():
       data = f.read_bytes()
-      target = epath.Path(local) / rel
-      target.parent.mkdir(parents=True, exist_ok=True)
-      for side in ("-wal", "-shm"):   # a stale log would be replayed over the new file
-        if os.path.exists(os.fspath(target) + side):
-          os.remove(os.fspath(target) + side)
-      target.write_bytes(data)
+      target = os.path.join(local, rel)
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      if rel.endswith(".jsonl") and os.path.exists(target):
+        _extend(target, data, f)
+      elif rel.endswith(".sqlite") and os.path.exists(target):
+        _restore(target, data)
+      else:
+        with open(target, "wb") as g:
+          g.write(data)
       synced[rel] = _digest(data)
   _save_mirror(local, {"uri": uri, "synced": synced})
   return local
+
+
+def _extend(target: str, data: bytes, origin):
+  """Bring an append-only file up to `data` (`origin`'s bytes), keeping what it has beyond."""
+  with open(target, "rb") as g:
+    mine = g.read()
+  if mine.startswith(data):
+    return
+  if not data.startswith(mine):
+    raise UserError(f"{target} and {origin} have diverged (two hosts appended to the run's "
+                    "ledger); merge them by hand before going on")
+  with open(target, "ab") as g:
+    g.write(data[len(mine):])
+
+
+def _restore(target: str, data: bytes):
+  """Replace the database at `target` with `data`, through SQLite."""
+  import sqlite3
+  import tempfile
+  from sinkformer.data import catalog
+  with tempfile.TemporaryDirectory() as tmp:
+    snap = os.path.join(tmp, "snapshot.sqlite")
+    with open(snap, "wb") as g:
+      g.write(data)
+    src, dst = catalog.connect(snap, "ro"), catalog.connect(target, "rw")
+    try:
+      src.backup(dst)
+    except sqlite3.DatabaseError as e:
+      raise UserError(f"{target}: cannot take the bucket's copy ({e})") from None
+    finally:
+      src.close()
+      dst.close()
 
 
 def push(run_dir: str):

@@ -14,3 +14,15 @@ os.environ["SINKFORMER_DATA"] = os.path.join(os.environ.get("TMPDIR", "/tmp"),
 def smoke_cfg():
   from sinkformer import config
   return config.load("experiments/quickstart.py:smoke")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """A tiny NULL trained on the built-in corpus (copy it before changing its switchboard)."""
+  from sinkformer import config
+  from sinkformer.train import trainer
+  cfg = config.load("experiments/quickstart.py:smoke")
+  cfg.train.update(steps=40, eval_every=0, log_every=20, checkpoint_every=40)
+  path = tmp_path_factory.mktemp("trained_run")
+  trainer.train(cfg, str(path))
+  return str(path)

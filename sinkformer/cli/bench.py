@@ -32,18 +32,21 @@ def _memory(fv):
 
 def _serve_flags(fv, argv):
   run_flag(fv)
-  flags.DEFINE_list("clients", ["1", "8", "32"], "concurrent clients, one round each",
-                    flag_values=fv)
-  flags.DEFINE_integer("requests", 4, "completions per client per round", flag_values=fv)
-  flags.DEFINE_integer("unlearns", 3, "sources unlearned during each round", flag_values=fv)
+  flags.DEFINE_integer("clients", 64, "concurrent clients", flag_values=fv)
+  flags.DEFINE_float("duration_s", 30.0, "how long the clients send requests", flag_values=fv)
+  flags.DEFINE_integer("http_unlearns", 3, "sources unlearned over HTTP meanwhile",
+                       flag_values=fv)
+  flags.DEFINE_integer("cli_unlearns", 3, "sources unlearned by 'sinkformer unlearn' "
+                       "processes meanwhile", flag_values=fv)
   flags.DEFINE_integer("max_tokens", 16, "new tokens per completion", flag_values=fv)
+  flags.DEFINE_integer("max_batch", 32, "the server's --max_batch", flag_values=fv)
 
 
 def _serve(fv):
   import json
   from sinkformer.serve import load
-  result = load.run(fv.run, [int(c) for c in fv.clients], fv.requests, fv.unlearns,
-                    fv.max_tokens)
+  result = load.run(fv.run, fv.clients, fv.duration_s, fv.http_unlearns, fv.cli_unlearns,
+                    fv.max_tokens, fv.max_batch)
   print(json.dumps({"bench": "serve", **result}))
 
 
@@ -152,9 +155,10 @@ COMMANDS = {
                     lambda fv, argv: run_flag(fv), _bench_route, ("run",)),
     "bench probes": ("seconds to score N probe facts under one condition (batched)",
                      _bench_probes_flags, _bench_probes, ("run", "facts")),
-    "bench serve": ("load test of 'sinkformer serve' processes (batched and one at a time): "
-                    "latency, tokens/s, and no response from a source unlearned before it "
-                    "was asked", _serve_flags, _serve, ("run",)),
+    "bench serve": ("load test of a 'sinkformer serve' process with HTTP and CLI unlearns "
+                    "and clients that hang up: latency, tokens/s, 5xx, and tokens sent from "
+                    "a source after its unlearn returned (must be 0)", _serve_flags, _serve,
+                    ("run",)),
     "bench unlearn": ("unlearn latency, request to effect on the next generation",
                       _bench_unlearn_flags, _bench_unlearn, ("run",)),
 

@@ -19,16 +19,41 @@ def _unlearn_flags(fv, argv):
   flags.DEFINE_boolean("all_matching", False, "take every source a reference names (a title "
                        "several sources share, a bare name that is one source's id and "
                        "another's title) instead of refusing it as ambiguous", flag_values=fv)
+  flags.DEFINE_float("wait_s", 30.0, "how long to wait for the run's live servers to put the "
+                     "change in force", flag_values=fv)
+  flags.DEFINE_boolean("json", False, "print the result as one JSON object (request id, "
+                       "sources changed, ledger position, servers reached, return time)",
+                       flag_values=fv)
+
+
+def _in_force(result) -> str:
+  """How far the change has reached; an error (exit 2) if a live server did not confirm it."""
+  got = result["in_force"]
+  if got["late"]:
+    raise UserError(f"committed and ledgered (request {result['request_id']}, ledger entry "
+                    f"{result['ledger_seq']}), but the live server(s) {', '.join(got['late'])} "
+                    f"did not confirm it within {got['waited_s']:.0f} s (stuck or overloaded?); "
+                    "each refuses the source from its next batch or chunk. Check "
+                    "'in_force_seq' on its /healthz")
+  return (f"; in force in {got['servers']} live server(s) after {1e3 * got['waited_s']:.0f} ms"
+          if got["servers"] else "")
 
 
 def _unlearn(fv, args):
   from sinkformer.serve import switchboard
   board = switchboard.Switchboard(fv.run)
-  result = board.unlearn(refs(args, fv.file), fv.reason, fv.who, fv.all_matching)
-  board.close()
-  print(f"unlearned {len(result['changed'])} source(s)"
-        + (f" (request {result['request_id']})" if result["request_id"] else "")
-        + (f"; {len(result['unchanged'])} already unlearned" if result["unchanged"] else ""))
+  try:
+    result = board.unlearn(refs(args, fv.file), fv.reason, fv.who, fv.all_matching, fv.wait_s)
+  finally:
+    board.close()
+  if fv.json:
+    print(json.dumps(result), flush=True)
+  reached = _in_force(result)   # an error if a live server did not confirm
+  if not fv.json:
+    print(f"unlearned {len(result['changed'])} source(s)"
+          + (f" (request {result['request_id']})" if result["request_id"] else "")
+          + (f"; {len(result['unchanged'])} already unlearned" if result["unchanged"] else "")
+          + reached, flush=True)
 
 
 def _reactivate(fv, args):
@@ -36,10 +61,46 @@ def _reactivate(fv, args):
   from sinkformer.serve import switchboard
   cfg = engine.load_config(fv.run)
   board = switchboard.Switchboard(fv.run)
-  result = board.reactivate(refs(args, fv.file), fv.reason, fv.who,
-                            allowed=cfg.unlearn.allow_reactivation, all_matching=fv.all_matching)
-  board.close()
-  print(f"reactivated {len(result['changed'])} source(s) (request {result['request_id']})")
+  try:
+    result = board.reactivate(refs(args, fv.file), fv.reason, fv.who,
+                              allowed=cfg.unlearn.allow_reactivation,
+                              all_matching=fv.all_matching, wait_s=fv.wait_s)
+  finally:
+    board.close()
+  print(f"reactivated {len(result['changed'])} source(s) (request {result['request_id']})"
+        + _in_force(result), flush=True)
+
+
+def _rebuild(fv):
+  from sinkformer import engine
+  from sinkformer.data import pipeline
+  from sinkformer.serve import switchboard
+  problems = switchboard.verify(fv.run)
+  if not problems and not fv.force:
+    print(f"{fv.run}: the switchboard and its ledger journal are intact and agree; nothing "
+          "to rebuild (--force rebuilds anyway)")
+    return
+  for p in problems:
+    print(f"found: {p}")
+  data = pipeline.load(engine.trained_config(fv.run)[0], log=lambda *_: None)
+  got = switchboard.rebuild(fv.run, data.catalog, data.sources)
+  print(f"rebuilt {fv.run}/{switchboard.FILE}: {got['requests']} ledgered request(s) replayed "
+        f"({got['from_database_only']} found only in the old database, "
+        f"{got['damaged_journal_lines']} damaged journal line(s) skipped), "
+        f"{got['unlearned']} source(s) unlearned; the old files are kept as *.damaged-*")
+
+
+def _rebuild_flags(fv, argv):
+  run_flag(fv)
+  flags.DEFINE_boolean("force", False, "rebuild even if nothing is wrong", flag_values=fv)
+
+
+def _verify(fv):
+  from sinkformer.serve import switchboard
+  problems = switchboard.verify(fv.run)
+  if problems:
+    raise UserError("; ".join(problems) + f". {switchboard.recovery(fv.run)}")
+  print(f"{fv.run}: the switchboard and its ledger journal are intact and agree")
 
 
 def _list_flags(fv, argv):
@@ -143,23 +204,18 @@ def _serve_flags(fv, argv):
   flags.DEFINE_integer("max_tokens", 256, "largest max_tokens a request may ask", flag_values=fv)
   flags.DEFINE_integer("max_prompt_tokens", 512, "longest prompt, in tokens", flag_values=fv)
   flags.DEFINE_integer("max_prompts", 16, "prompts per request", flag_values=fv)
+  flags.DEFINE_integer("max_queue", 256, "requests waiting at most (then 429)", flag_values=fv)
+  flags.DEFINE_float("deadline_s", 120.0, "a request's time from arrival to its last token",
+                     flag_values=fv)
+  flags.DEFINE_integer("max_body_bytes", 4 << 20, "largest request body", flag_values=fv)
 
 
 def _serve(fv):
-  import os
   import uvicorn
   from sinkformer.serve import http
-  token = os.environ.get("SINKFORMER_ADMIN_TOKEN")
-  if fv.token_file:
-    try:
-      with open(fv.token_file) as f:
-        token = f.read().strip()
-    except OSError as e:
-      raise UserError(f"--token_file {fv.token_file}: {e.strerror}") from None
-    if len(token) < 16:
-      raise UserError(f"--token_file {fv.token_file}: a token of at least 16 characters, please")
+  token = http.admin_token(fv.token_file)
   limits = http.Limits(fv.max_prompts, fv.max_prompt_tokens, fv.max_tokens, fv.max_batch,
-                       fv.window_ms / 1000)
+                       fv.window_ms / 1000, fv.max_queue, fv.deadline_s, fv.max_body_bytes)
   app = http.create_app(fv.run, token, limits, fv.policy)
   print(f"serving {fv.run} on http://{fv.host}:{fv.port} (unlearning over HTTP "
         f"{'on' if token else 'off: no token'}; batches of up to {fv.max_batch})", flush=True)
@@ -197,6 +253,11 @@ COMMANDS = {
     "sources show": ("sources and their ledger", _show_flags, _show, ("run",), "SOURCE..."),
     "sources search": ("sources whose title contains TEXT", _search_flags, _search, ("run",),
                        "TEXT"),
+    "sources verify": ("check the run's switchboard and its ledger journal (integrity, "
+                       "chain, agreement)", _show_flags, _verify, ("run",)),
+    "sources rebuild": ("restore a damaged or missing switchboard from the run's catalog and "
+                        "every change its ledger journal or old database still holds",
+                        _rebuild_flags, _rebuild, ("run",)),
     "sources capacity": ("what the exclude policy costs retained sources, by number unlearned",
                          _capacity_flags, _capacity, ("run",)),
     "sources reactivate": ("turn unlearned sources back on (only if the run's config allows "

@@ -15,8 +15,10 @@ an erasure must never hit a source nobody meant.
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import unicodedata
+import urllib.parse
 
 from sinkformer.errors import UserError
 
@@ -45,20 +47,43 @@ def normalize(title: str) -> str:
   return " ".join(unicodedata.normalize("NFKC", title).casefold().split())
 
 
+def connect(path: str, mode: str = "rw") -> sqlite3.Connection:
+  """A connection to the database file at `path`: "rw" or "ro" (it must exist), "rwc" (it
+  may be created). The only way any code here opens such a file: on POSIX, closing *any*
+  descriptor of a file drops every lock this process holds on it, so a plain open()/close()
+  beside a live connection lets another process checkpoint and delete the write-ahead log
+  that connection still reads (its view goes stale). One connection may serve several
+  threads; callers serialise their use of it."""
+  uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode={mode}"
+  return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+
+
 class Catalog:
-  """A source catalog file. Writes happen in explicit transactions (`with catalog.batch():`)."""
+  """A source catalog file. Writes happen in explicit transactions (`with catalog.batch():`).
+
+  `create=True` makes a new file (an existing one is refused: nothing is made over it);
+  otherwise the file must exist and hold a catalog (an empty or foreign file is an error,
+  never silently turned into an empty catalog)."""
 
   def __init__(self, path: str, create: bool = False):
-    if not create:
-      try:
-        open(path, "rb").close()
-      except OSError as e:
-        raise UserError(f"no source catalog at {path}: {e.strerror} (run 'sinkformer data "
-                        "prepare' first)") from None
     self.path = path
-    self.db = sqlite3.connect(path, isolation_level=None)
-    self.db.execute("PRAGMA journal_mode=WAL")
-    self.db.executescript(SCHEMA)
+    if create:
+      if os.path.exists(path):
+        raise UserError(f"{path} exists; a new catalog is never made over a file")
+      self.db = connect(path, "rwc")
+      self.db.execute("PRAGMA journal_mode=WAL")
+      self.db.executescript(SCHEMA)
+      return
+    try:
+      self.db = connect(path, "rw")
+      tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as e:
+      raise UserError(f"cannot read the source catalog {path}: {e} (run 'sinkformer data "
+                      "prepare' to make one)") from None
+    if "sources" not in tables:
+      self.db.close()
+      raise UserError(f"{path} holds no source catalog (empty or damaged; run 'sinkformer "
+                      "data prepare' to make one)")
 
   def close(self):
     self.db.close()
@@ -68,7 +93,7 @@ class Catalog:
     self.db.executescript("DROP INDEX IF EXISTS sources_title; DROP INDEX IF EXISTS sources_grp;")
 
   def with_lookup_indexes(self):
-    self.db.executescript(SCHEMA)
+    self.db.executescript(SCHEMA)   # every statement is IF NOT EXISTS: only the indexes run
 
   def batch(self):
     """A transaction: everything inside lands together or not at all."""
@@ -126,9 +151,9 @@ class Catalog:
     value = rest.strip() if forms != FORMS else ref_s
     found: dict[int, tuple[dict, list[str]]] = {}
     for f in forms:
-      if f == "id" and not value.isdigit():
+      if f == "id" and not _is_id(value):
         if forms != FORMS:
-          raise UserError(f"{ref_s!r}: an id is a number, e.g. id:12")
+          raise UserError(f"{ref_s!r}: an id is a number from 1 to {MAX_ID}, e.g. id:12")
         continue
       for row in self._match(f, value):
         found.setdefault(row["id"], (row, []))[1].append(f)
@@ -138,7 +163,7 @@ class Catalog:
     return rows
 
   def _match(self, form: str, value: str) -> list[dict]:
-    where, arg = {"id": ("id = ?", int(value) if value.isdigit() else -1),
+    where, arg = {"id": ("id = ?", int(value) if _is_id(value) else -1),
                   "key": ("key = ?", value), "title": ("title_norm = ?", normalize(value)),
                   "group": ("grp = ? COLLATE NOCASE", " ".join(value.split()))}[form]
     return [row_dict(r) for r in self.db.execute(f"SELECT {COLUMNS} FROM sources WHERE {where} "
@@ -163,9 +188,6 @@ class Catalog:
       raise UserError(f"unknown source(s) in {self.path}: {shown}")
     return list(found.values())
 
-  def max_id(self) -> int:
-    return self.db.execute("SELECT coalesce(max(id), 0) FROM sources").fetchone()[0]
-
   def digest(self) -> str:
     """sha256 over (id, key) in id order: the identity of the id assignment."""
     h = hashlib.sha256()
@@ -175,6 +197,12 @@ class Catalog:
 
 
 FORMS = ("id", "key", "title", "group")
+
+
+def _is_id(value: str) -> bool:
+  """ASCII digits of a number an id can be (str.isdigit also takes '²'; SQLite refuses
+  integers over 64 bits)."""
+  return value.isascii() and value.isdigit() and int(value) <= MAX_ID
 COLUMNS = "id, key, title, grp, documents, tokens, status"
 
 

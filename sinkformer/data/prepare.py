@@ -260,7 +260,8 @@ def _prepare(read, path, corpus, tmp, tokenizer, journal, workers, log) -> dict:
   journal["tokenizer"] = tok.sha256
   _write_journal(tmp, journal)
 
-  cat = catalog_lib.Catalog(os.path.join(tmp, "catalog.sqlite"), create=True)
+  cat_path = os.path.join(tmp, "catalog.sqlite")
+  cat = catalog_lib.Catalog(cat_path, create=not os.path.exists(cat_path))   # or continue it
   try:
     cat.db.execute("PRAGMA synchronous=NORMAL")   # WAL: still safe against a killed process
     cat.without_lookup_indexes()                  # built once at the end: faster than kept up

@@ -4,7 +4,7 @@ Prompts are left-padded to a common length so every row's last prompt token sits
 same column; pads are invisible to attention and positions count real tokens only. A row's
 sinks come from `row_sources` (mode "source": a source id per row, 0 = none) or are all off
 (mode "backbone"); `exclude` zeroes unlearned units in every pass. Every row has its own
-temperature, top-p, seed and token limit, so one batch serves requests of different
+temperature, top-p, seed, token limit and end token, so one batch serves requests of different
 settings. Decoding runs in chunks of steps (a jitted scan each) so a server can stream and
 stop when every row has ended. Shapes are bucketed so a session compiles a handful of
 functions, not one per prompt.
@@ -40,12 +40,14 @@ class Rows(NamedTuple):
   top_p: jax.Array         # f32[B]; 1: no nucleus filter
   seed: jax.Array          # uint32[B]
   limit: jax.Array         # int32[B]: new tokens the row may have
+  eos: jax.Array           # int32[B]: the token that ends the row (-1: none, it runs to its limit)
 
   @classmethod
-  def uniform(cls, n: int, s: Sampling, seed: int = 0) -> Rows:
+  def uniform(cls, n: int, s: Sampling, seed: int = 0, eos: int = tok_lib.EOS) -> Rows:
     """`n` rows of one setting; row r samples from seed + r."""
     return cls(np.full(n, s.temperature, np.float32), np.full(n, s.top_p, np.float32),
-               (seed + np.arange(n)).astype(np.uint32), np.full(n, s.max_new, np.int32))
+               (seed + np.arange(n)).astype(np.uint32), np.full(n, s.max_new, np.int32),
+               np.full(n, eos, np.int32))
 
 
 def bucket(n: int, least: int = 16) -> int:
@@ -124,8 +126,8 @@ def _prefill(setup, mode: str, total: int, params, tokens, valid, row_sources, e
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
 def _decode_chunk(setup, mode: str, steps: int, top_k: int, vocab: int | None, params, state,
-                  row_sources, exclude, rows, eos):
-  """`steps` tokens for every row (PAD once a row is done: EOS or its limit reached)."""
+                  row_sources, exclude, rows):
+  """`steps` tokens for every row (PAD once a row is done: its EOS or its limit reached)."""
   b = state.count.shape[0]
   ones = jnp.ones((b, 1), jnp.int32)
 
@@ -141,40 +143,71 @@ def _decode_chunk(setup, mode: str, steps: int, top_k: int, vocab: int | None, p
                           "segment_ids": ones}, cache)
     live = ~done
     return Decoding(cache, logits[:, -1], state.count + live, state.new + live,
-                    done | (token == eos)), token
+                    done | (token == rows.eos)), token
 
   state, out = jax.lax.scan(step, state, None, length=steps)
   return state, out.T
 
 
+class Decoder:
+  """Generation for a batch of prompts (token ids, BOS first) with a KV cache, `chunk` steps
+  per `next()`, which returns each row's new tokens so far (a row ends after its EOS or at
+  its limit). Between chunks the caller may change `exclude` (same shapes: no recompile)
+  and `stop` rows. Shapes are bucketed (rows, prompt length, and the cache's room for new
+  tokens: `room`, or the longest limit rounded up to a power of two), so a session compiles
+  a handful of functions; a server fixes `room` to its largest max_tokens so that requests'
+  limits never change a shape."""
+
+  def __init__(self, setup: engine.Setup, params, prompts: list[list[int]], row_sources,
+               exclude, rows: Rows, mode: str = "source", top_k: int = 0, chunk: int = 16,
+               vocab: int | None = None, room: int | None = None):
+    self.n = len(prompts)
+    tokens, valid = _left_padded(prompts)
+    b, tp = tokens.shape
+    self.steps = -(-int(max(rows.limit)) // chunk) * chunk
+    pad = lambda x, dtype: np.concatenate([np.asarray(x, dtype), np.zeros(b - self.n, dtype)])
+    self.sources = pad(row_sources, np.int32)
+    self.rows = Rows(pad(rows.temperature, np.float32),
+                     pad(rows.top_p, np.float32) + (np.arange(b) >= self.n),
+                     pad(rows.seed, np.uint32), pad(rows.limit, np.int32),
+                     pad(rows.eos, np.int32) - (np.arange(b) >= self.n))
+    room = bucket(self.steps, chunk) if room is None else max(room, self.steps)
+    self.setup, self.params, self.exclude, self.mode = setup, params, exclude, mode
+    self.top_k, self.chunk, self.vocab = top_k, chunk, vocab
+    self.state = _prefill(setup, mode, tp + room, params, tokens, valid, self.sources, exclude)
+    self.out = np.zeros((b, 0), np.int32)
+    self.ended = False
+
+  def stop(self, rows):
+    """End these rows now: they generate nothing more."""
+    done = np.asarray(self.state.done).copy()
+    done[list(rows)] = True
+    self.state = self.state._replace(done=jnp.asarray(done))
+
+  def done_rows(self) -> np.ndarray:
+    """bool per prompt: the row has ended (EOS, its limit, or stopped)."""
+    return np.asarray(self.state.done | (self.state.new >= self.rows.limit))[:self.n]
+
+  def next(self) -> list[list[int]]:
+    self.state, got = _decode_chunk(self.setup, self.mode, self.chunk, self.top_k, self.vocab,
+                                    self.params, self.state, self.sources, self.exclude,
+                                    self.rows)
+    self.out = np.concatenate([self.out, np.asarray(got)], 1)
+    done = np.asarray(self.state.done | (self.state.new >= self.rows.limit))
+    self.ended = bool(done.all()) or self.out.shape[1] >= self.steps
+    return [_cut(row, int(eos), int(limit)) for row, eos, limit in
+            zip(self.out[:self.n].tolist(), self.rows.eos[:self.n], self.rows.limit[:self.n])]
+
+
 def decode(setup: engine.Setup, params, prompts: list[list[int]], row_sources, exclude,
-           rows: Rows, mode: str = "source", top_k: int = 0, eos: int = tok_lib.EOS,
-           chunk: int = 16, vocab: int | None = None, room: int | None = None):
-  """Generate for every prompt (token ids, BOS first) with a KV cache, `chunk` steps per
-  call: yields each row's new tokens so far after every chunk (a row ends after its EOS or
-  at its limit), until every row has ended. Shapes are bucketed (rows, prompt length, and
-  the cache's room for new tokens: `room`, or the longest limit rounded up to a power of
-  two), so a session compiles a handful of functions; a server fixes `room` to its largest
-  max_tokens so that requests' limits never change a shape."""
-  n = len(prompts)
-  tokens, valid = _left_padded(prompts)
-  b, tp = tokens.shape
-  steps = -(-int(max(rows.limit)) // chunk) * chunk
-  pad = lambda x, dtype: np.concatenate([np.asarray(x, dtype), np.zeros(b - n, dtype)])
-  sources = pad(row_sources, np.int32)
-  rows = Rows(pad(rows.temperature, np.float32), pad(rows.top_p, np.float32) + (np.arange(b) >= n),
-              pad(rows.seed, np.uint32), pad(rows.limit, np.int32))
-  room = bucket(steps, chunk) if room is None else max(room, steps)
-  state = _prefill(setup, mode, tp + room, params, tokens, valid, sources, exclude)
-  out = np.zeros((b, 0), np.int32)
-  for _ in range(steps // chunk):
-    state, got = _decode_chunk(setup, mode, chunk, top_k, vocab, params, state, sources,
-                               exclude, rows, np.int32(eos))
-    out = np.concatenate([out, np.asarray(got)], 1)
-    ended = np.asarray(state.done | (state.new >= rows.limit))
-    yield [_cut(row, eos, int(limit)) for row, limit in zip(out[:n].tolist(), rows.limit[:n])]
-    if ended.all():
-      return
+           rows: Rows, mode: str = "source", top_k: int = 0, chunk: int = 16,
+           vocab: int | None = None, room: int | None = None):
+  """Every row's new tokens so far after each chunk, until every row has ended (a Decoder
+  left to run)."""
+  decoder = Decoder(setup, params, prompts, row_sources, exclude, rows, mode, top_k, chunk,
+                    vocab, room)
+  while not decoder.ended:
+    yield decoder.next()
 
 
 def _left_padded(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -193,7 +226,7 @@ def _cut(row: list[int], eos: int, limit: int) -> list[int]:
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _sample_without_cache(setup, mode: str, steps: int, top_k: int, vocab: int | None, params,
-                          tokens, valid, row_sources, exclude, rows, eos):
+                          tokens, valid, row_sources, exclude, rows):
   """The whole sequence again at every step: the baseline the KV cache is measured against."""
   b, tp = tokens.shape
   buffer = jnp.zeros((b, tp + steps), jnp.int32).at[:, :tp].set(tokens)
@@ -209,7 +242,7 @@ def _sample_without_cache(setup, mode: str, steps: int, top_k: int, vocab: int |
     token = jnp.where(done | (n >= rows.limit), tok_lib.PAD, token)
     buffer = jax.lax.dynamic_update_slice(buffer, token[:, None], (0, tp + n))
     valid = jax.lax.dynamic_update_slice(valid, jnp.ones((b, 1), bool), (0, tp + n))
-    return (buffer, valid, done | (token == eos)), token
+    return (buffer, valid, done | (token == rows.eos)), token
 
   _, out = jax.lax.scan(step, (buffer, valid, jnp.zeros(b, bool)), jnp.arange(steps))
   return out.T
@@ -221,18 +254,18 @@ def sample(setup: engine.Setup, params, prompts: list[list[int]], row_sources, e
            vocab: int | None = None) -> list[list[int]]:
   """New tokens for each prompt (token ids, BOS included), cut after the `eos` id; every row
   with the settings `s` (row r sampling from seed + r)."""
-  rows = Rows.uniform(len(prompts), s, seed)
+  rows = Rows.uniform(len(prompts), s, seed, eos)
   if use_cache:
-    *_, last = decode(setup, params, prompts, row_sources, exclude, rows, mode, s.top_k, eos,
+    *_, last = decode(setup, params, prompts, row_sources, exclude, rows, mode, s.top_k,
                       min(16, s.max_new), vocab)
     return last
   tokens, valid = _left_padded(prompts)
   b = tokens.shape[0]
   sources = np.zeros(b, np.int32)
   sources[:len(prompts)] = row_sources
-  padded = Rows.uniform(b, s, seed)
+  padded = Rows.uniform(b, s, seed, eos)
   out = np.asarray(_sample_without_cache(setup, mode, s.max_new, s.top_k, vocab, params, tokens,
-                                         valid, sources, exclude, padded, np.int32(eos)))
+                                         valid, sources, exclude, padded))
   return [_cut(row, eos, s.max_new) for row in out[:len(prompts)].tolist()]
 
 

@@ -8,20 +8,20 @@ Routes (FastAPI on uvicorn):
   GET  /v1/sources         a page of sources (?status=active|unlearned&offset=&limit=)
   POST /v1/unlearn         sources, reason, who, all_matching: one ledgered transaction
   POST /v1/reactivate      likewise, where the run's config allows it
-  GET  /healthz            run, step, source counts, ledger position, queue length
+  GET  /healthz            run, step, source counts, ledger position (committed and in
+                           force here), queue length
 
-One worker thread owns the model: it takes the requests waiting in its queue (up to
-`max_batch` prompts, for at most `window_s` after the first), folds every ledger entry
-committed so far into the exclusion mask and the refusals, resolves each request's sources,
-and decodes all of them as one batch (rows of different settings share the compiled
-sampler), streaming each chunk of tokens to the requests that asked for it. A deletion
-whose call has returned (this server's /v1/unlearn or `sinkformer unlearn` in another
-process) is therefore in force for every request that arrives after it.
+Decoding is the worker's (worker.py); this module decides everything about a request
+before it joins a batch: a malformed request is a 4xx naming the field (422 for the body's
+shape, 400 for a value out of bounds or a bad mode, 403 for an unlearned source, 409 for
+an ambiguous one), so one request's mistake never touches another's. Bodies over
+`max_body_bytes` are refused before they are parsed (413), prompts are tokenized off the
+event loop, error bodies quote at most a short excerpt, a full queue is a 429 with
+Retry-After, and an unexpected failure is a 500 that names nothing internal.
 
-Unlearning and reactivation need `Authorization: Bearer TOKEN`; without a configured token
-those routes answer 403 and nothing else is open. Request sizes are bounded (`Limits`),
-malformed bodies get 422 naming the field, every SQL value is a bound parameter, and no
-client input names a file.
+Unlearning and reactivation need `Authorization: Bearer TOKEN`, a token of at least
+MIN_TOKEN characters; without one those routes answer 403. Every SQL value is a bound
+parameter, and no client input names a file.
 """
 
 from __future__ import annotations
@@ -30,20 +30,28 @@ import asyncio
 import dataclasses
 import hmac
 import json
+import os
 import queue
-import threading
+import sys
 import time
+import traceback
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-import numpy as np
-from fastapi import Depends, FastAPI, Header, HTTPException, Query
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from sinkformer.data import catalog
 from sinkformer.errors import UserError
-from sinkformer.serve import generate, serving, switchboard
+from sinkformer.serve import serving, switchboard, worker as worker_lib
+
+MIN_TOKEN = 16
+TOKEN_ENV = "SINKFORMER_ADMIN_TOKEN"
+CHARS_PER_TOKEN = 64   # a prompt longer than this many characters per allowed token is refused untokenized
+EXCERPT = 300          # characters of an error message (or of anything it quotes) at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,189 +61,61 @@ class Limits:
   max_tokens: int = 256          # new tokens of one prompt
   max_batch: int = 32            # prompts decoded together
   window_s: float = 0.005        # how long the first request of a batch waits for company
+  max_queue: int = 256           # requests waiting for the worker (then 429)
+  deadline_s: float = 120.0      # a request's time from arrival to its last token
+  max_body_bytes: int = 4 << 20  # a request body, before it is parsed
 
 
 class Completion(BaseModel):
   model_config = {"extra": "forbid"}
   prompt: str | list[str]
   max_tokens: int = Field(16, ge=1)
-  temperature: float = Field(0.0, ge=0.0, le=10.0)
-  top_p: float = Field(1.0, gt=0.0, le=1.0)
+  temperature: float = Field(0.0, ge=0.0, le=10.0, allow_inf_nan=False)
+  top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
   seed: int | None = Field(None, ge=0, lt=2**32)
+  ignore_eos: bool = False       # generate exactly max_tokens (load tests), as vLLM's
   stream: bool = False
-  mode: str = "route"
-  model: str | None = None       # accepted for client compatibility; the server has one run
+  mode: str = Field("route", max_length=1_000)
+  model: str | None = Field(None, max_length=200)   # for client compatibility; one run here
 
 
 class Change(BaseModel):
   model_config = {"extra": "forbid"}
-  sources: list[str] = Field(min_length=1, max_length=10_000)
+  sources: list[Annotated[str, Field(min_length=1, max_length=1_000)]] = Field(
+      min_length=1, max_length=10_000)
   reason: str = Field(min_length=1, max_length=2_000)
   who: str | None = Field(None, max_length=200)
   all_matching: bool = False
 
 
-@dataclasses.dataclass(eq=False)
-class Job:
-  """One completion request on its way through the worker."""
-  prompts: list[list[int]]
-  texts: list[str]
-  body: Completion
-  loop: asyncio.AbstractEventLoop
-  events: asyncio.Queue          # ("chunk", choices) ... then ("done", response) or ("error", exc)
-  arrived: float = dataclasses.field(default_factory=time.monotonic)
+def admin_token(token_file: str | None = None, environ=os.environ) -> str | None:
+  """The admin token from `token_file` or $SINKFORMER_ADMIN_TOKEN (None: neither is set).
+  An empty or short token from either is refused: it would open the admin routes to a
+  guess."""
+  if token_file:
+    try:
+      with open(token_file) as f:
+        token, where = f.read().strip(), f"--token_file {token_file}"
+    except OSError as e:
+      raise UserError(f"--token_file {token_file}: {e.strerror}") from None
+  elif TOKEN_ENV in environ:
+    token, where = environ[TOKEN_ENV].strip(), f"${TOKEN_ENV}"
+  else:
+    return None
+  _check_token(token, where)
+  return token
 
 
-class Worker:
-  """The thread that owns the model (and its SQLite connection) and decodes batches of
-  waiting requests."""
-
-  def __init__(self, run_dir: str, policy: str | None, limits: Limits):
-    self.limits = limits
-    self.room = generate.bucket(limits.max_tokens, 16)   # cache slots for new tokens: fixed
-    self.queue: queue.Queue[Job | None] = queue.Queue()
-    ready, failed = threading.Event(), []
-
-    def start():
-      try:
-        self.server = serving.Server(run_dir, policy=policy)
-        self._warm_up()
-      except BaseException as e:
-        failed.append(e)
-      ready.set()
-      if not failed:
-        self._loop()
-
-    self.thread = threading.Thread(target=start, name="sinkformer-worker", daemon=True)
-    self.thread.start()
-    ready.wait()
-    if failed:
-      raise failed[0]
-
-  def _warm_up(self):
-    """Compile the sampler and the router for every batch size bucket (short prompts, one
-    chunk of tokens), so the first requests of a busy minute do not wait for XLA."""
-    s = self.server
-    prompt = [s.tokenizer.bos] * 4
-    rows = 1
-    while rows <= generate.bucket(self.limits.max_batch, 1):
-      settings = generate.Rows(np.zeros(rows, np.float32), np.ones(rows, np.float32),
-                               np.zeros(rows, np.uint32), np.ones(rows, np.int32))
-      for _ in generate.decode(s.setup, s.params, [prompt] * rows, np.zeros(rows, np.int32),
-                               s.exclusion(), settings, "source" if s.setup.spec else "dense",
-                               eos=s.tokenizer.eos, vocab=s.tokenizer.vocab_size,
-                               room=self.room):
-        pass
-      if s.setup.spec is not None:
-        s.router.rank(serving.Router.embed(s.setup, s.params, [prompt] * rows), s.alive())
-      rows *= 2
-
-  def submit(self, job: Job):
-    self.queue.put(job)
-
-  def stop(self):
-    self.queue.put(None)
-    self.thread.join(timeout=30)
-
-  def _loop(self):
-    while True:
-      job = self.queue.get()
-      if job is None:
-        return
-      jobs, rows = [job], len(job.prompts)
-      deadline = time.monotonic() + self.limits.window_s
-      while rows < self.limits.max_batch:
-        try:
-          more = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-          break
-        if more is None:
-          self.queue.put(None)
-          break
-        jobs.append(more)
-        rows += len(more.prompts)
-      try:
-        self._run(jobs)
-      except Exception as e:   # a bug: every waiting client hears of it, the worker lives on
-        for j in jobs:
-          _send(j, "error", e)
-
-  def _run(self, jobs: list[Job]):
-    self.server.refresh()   # every deletion committed before this batch is in force
-    resolved = {}
-    routed = [j for j in jobs if j.body.mode in ("route", "placebo")]
-    for mode in ("route", "placebo"):   # one router pass for all of a batch's queries
-      mine = [j for j in routed if j.body.mode == mode]
-      if mine:
-        try:
-          sources, gate = self.server.sources_for([t for j in mine for t in j.texts], mode)
-        except UserError as e:   # e.g. every source unlearned
-          for j in mine:
-            _send(j, "error", e)
-          continue
-        at = 0
-        for j in mine:
-          resolved[id(j)] = sources[at:at + len(j.texts)], gate
-          at += len(j.texts)
-    groups: dict[str, list] = {}
-    for job in jobs:
-      if job in routed:
-        if id(job) not in resolved:   # its routing failed, and it has been answered
-          continue
-        sources, gate = resolved[id(job)]
-      else:
-        try:
-          sources, gate = self.server.sources_for(job.texts, job.body.mode)
-        except UserError as e:   # a refused, ambiguous or unknown source; a bad mode
-          _send(job, "error", e)
-          continue
-      groups.setdefault(gate, []).append((job, sources))
-    for gate, members in groups.items():
-      self._decode(gate, members)
-
-  def _decode(self, gate: str, members: list):
-    s, tok = self.server, self.server.tokenizer
-    prompts, sources, temps, top_ps, seeds, limits, owner = [], [], [], [], [], [], []
-    for job, rows in members:
-      b = job.body
-      seed = b.seed if b.seed is not None else int(np.random.default_rng().integers(2**32))
-      for i, p in enumerate(job.prompts):
-        prompts.append(p)
-        sources.append(rows[i])
-        temps.append(b.temperature)
-        top_ps.append(b.top_p)
-        seeds.append((seed + i) % 2**32)
-        limits.append(b.max_tokens)
-        owner.append((job, i))
-    settings = generate.Rows(np.asarray(temps, np.float32), np.asarray(top_ps, np.float32),
-                             np.asarray(seeds, np.uint32), np.asarray(limits, np.int32))
-    sent = [""] * len(prompts)
-    final = None
-    for final in generate.decode(s.setup, s.params, prompts, np.asarray(sources, np.int32),
-                                 s.exclusion(), settings, gate, eos=tok.eos,
-                                 vocab=tok.vocab_size, room=self.room):
-      deltas: dict[int, list] = {}
-      for r, tokens in enumerate(final):
-        text = tok.decode(tokens)
-        job, i = owner[r]
-        if job.body.stream and text != sent[r]:
-          deltas.setdefault(id(job), [job, []])[1].append(
-              {"index": i, "text": text[len(sent[r]):] if text.startswith(sent[r]) else text})
-        sent[r] = text
-      for job, choices in deltas.values():
-        _send(job, "chunk", choices)
-    for job, rows in members:
-      mine = [r for r, (j, _) in enumerate(owner) if j is job]
-      choices = [{"index": i, "text": sent[r], "tokens": len(final[r]),
-                  "finish_reason": "stop" if final[r][-1:] == [tok.eos] else "length",
-                  "mode": job.body.mode, "source": s.describe(int(rows[i])),
-                  "policy": s.policy}
-                 for i, r in enumerate(mine)]
-      _send(job, "done", choices)
+def _check_token(token: str, where: str):
+  if len(token) < MIN_TOKEN:
+    raise UserError(f"{where}: the admin token has {len(token)} characters; use at least "
+                    f"{MIN_TOKEN} (e.g. 'openssl rand -hex 24'), or set none to keep "
+                    "unlearning over HTTP off")
 
 
-def _send(job: Job, kind: str, payload):
-  job.loop.call_soon_threadsafe(job.events.put_nowait, (kind, payload))
+def _excerpt(text: str) -> str:
+  text = str(text)
+  return text if len(text) <= EXCERPT else text[:EXCERPT] + f"... ({len(text):,} characters)"
 
 
 def _status(e: Exception) -> int:
@@ -243,28 +123,88 @@ def _status(e: Exception) -> int:
     return 403
   if isinstance(e, catalog.Ambiguous):
     return 409
+  if isinstance(e, (switchboard.Busy, switchboard.Damaged, worker_lib.Restarted)):
+    return 503
+  if isinstance(e, worker_lib.Deadline):
+    return 504
   return 400 if isinstance(e, UserError) else 500
+
+
+def _error_body(e: Exception) -> dict:
+  if _status(e) == 500:   # a bug: the log has it, the client gets nothing internal
+    return {"detail": "internal error; the server's log has the details"}
+  return {"detail": _excerpt(e)}
+
+
+class BodyLimit:
+  """Refuse a request body over `limit` bytes (413) before anything parses it: by its
+  Content-Length, or as its chunks arrive."""
+
+  def __init__(self, app, limit: int):
+    self.app, self.limit = app, limit
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    declared = dict(scope["headers"]).get(b"content-length")
+    if declared is not None:
+      if not declared.isdigit():
+        return await JSONResponse({"detail": "Content-Length is not a number"}, 400)(
+            scope, receive, send)
+      if int(declared) > self.limit:
+        return await JSONResponse({"detail": f"the body is over {self.limit:,} bytes"}, 413)(
+            scope, receive, send)
+    seen = 0
+
+    async def limited():
+      nonlocal seen
+      message = await receive()
+      seen += len(message.get("body", b""))
+      if seen > self.limit:   # FastAPI lets an HTTPException from the body through as it is
+        raise HTTPException(413, f"the body is over {self.limit:,} bytes")
+      return message
+
+    await self.app(scope, limited, send)
+
+
+class _JobStream(StreamingResponse):
+  """A streamed completion that tells its job when the client has gone (so its rows stop at
+  the next chunk), whether it hung up mid-stream or while the job waited."""
+
+  def __init__(self, job: worker_lib.Job, content):
+    super().__init__(content, media_type="text/event-stream")
+    self.job = job
+
+  async def __call__(self, scope, receive, send):
+    async def watch():
+      while (await receive())["type"] != "http.disconnect":
+        pass
+      self.job.cancelled = True
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+      await super().__call__(scope, receive, send)
+    finally:
+      self.job.cancelled = True   # done or gone: nothing more is decoded for it
+      watcher.cancel()
 
 
 def create_app(run_dir: str, token: str | None = None, limits: Limits = Limits(),
                policy: str | None = None) -> FastAPI:
-  worker = Worker(run_dir, policy, limits)
+  if token is not None:
+    _check_token(token, "the admin token")
+  worker = worker_lib.Worker(run_dir, policy, limits)
   server = worker.server   # read-only here (tokenizer, config); the worker thread runs it
+  board = switchboard.Switchboard(run_dir)   # the routes' connection (thread-safe)
   name = run_dir.rstrip("/").rsplit("/", 1)[-1]
   app = FastAPI(title="sinkformer", summary=f"run {run_dir}, step {server.step}")
-  app.router.on_shutdown.append(worker.stop)
-
-  def board():
-    b = switchboard.Switchboard(run_dir)
-    try:
-      yield b
-    finally:
-      b.close()
+  app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+  app.router.on_shutdown += [worker.stop, board.close]
 
   def admin(authorization: str | None = Header(None)):
     if token is None:
       raise HTTPException(403, "unlearning over HTTP is off: start the server with "
-                               "--token-file FILE or SINKFORMER_ADMIN_TOKEN set")
+                               f"--token-file FILE or {TOKEN_ENV} set")
     scheme, _, given = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
       raise HTTPException(401, "a valid 'Authorization: Bearer TOKEN' header is required",
@@ -272,83 +212,120 @@ def create_app(run_dir: str, token: str | None = None, limits: Limits = Limits()
 
   @app.exception_handler(UserError)
   async def user_error(_, e: UserError):
-    return JSONResponse({"detail": str(e)}, status_code=_status(e))
+    return JSONResponse(_error_body(e), status_code=_status(e))
+
+  @app.exception_handler(RequestValidationError)
+  async def invalid(_, e: RequestValidationError):
+    return JSONResponse({"detail": [{"loc": list(err["loc"]), "msg": _excerpt(err["msg"]),
+                                     "type": err["type"]} for err in e.errors()[:10]]}, 422)
+
+  @app.exception_handler(Exception)
+  async def bug(_, e: Exception):
+    traceback.print_exception(e, file=sys.stderr)
+    return JSONResponse(_error_body(e), status_code=500)
+
+  def named(mode: str) -> int:
+    try:
+      return serving.named_source(board, mode)
+    except UserError as e:   # the same error (and status), naming the field
+      e.args = (f"mode: {e}",)
+      raise
 
   @app.post("/v1/completions")
-  async def completions(body: Completion):
+  async def completions(body: Completion, request: Request):
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not 1 <= len(texts) <= limits.max_prompts:
       raise HTTPException(400, f"prompt: 1 to {limits.max_prompts} prompts per request, got "
                                f"{len(texts)}")
     if body.max_tokens > limits.max_tokens:
       raise HTTPException(400, f"max_tokens: at most {limits.max_tokens}, got {body.max_tokens}")
-    prompts = [server.encode(t) for t in texts]
+    longest = max(map(len, texts))
+    if longest > limits.max_prompt_tokens * CHARS_PER_TOKEN:
+      raise HTTPException(400, f"prompt: at most {limits.max_prompt_tokens} tokens per prompt; "
+                               f"this one has {longest:,} characters")
+    prompts = await run_in_threadpool(lambda: [server.encode(t) for t in texts])
     longest = max(len(p) for p in prompts)
     if longest > limits.max_prompt_tokens:
       raise HTTPException(400, f"prompt: at most {limits.max_prompt_tokens} tokens per prompt, "
                                f"got {longest}")
-    job = Job(prompts, texts, body, asyncio.get_running_loop(), asyncio.Queue())
-    worker.submit(job)
+    job = worker_lib.Job(prompts, texts, body, await run_in_threadpool(named, body.mode),
+                         asyncio.get_running_loop(), asyncio.Queue())
+    try:
+      worker.submit(job)
+    except queue.Full:
+      raise HTTPException(429, f"the server has {limits.max_queue} requests waiting; try "
+                               "again shortly", headers={"Retry-After": "1"}) from None
     meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
             "created": int(time.time()), "model": body.model or name}
     if body.stream:
-      return StreamingResponse(_stream(job, meta), media_type="text/event-stream")
-    while True:
-      kind, payload = await job.events.get()
-      if kind == "error":
-        raise payload if isinstance(payload, UserError) else HTTPException(500, repr(payload))
-      if kind == "done":
-        return {**meta, "choices": payload, "policy": server.policy,
-                "usage": {"prompt_tokens": sum(map(len, prompts)),
-                          "completion_tokens": sum(c["tokens"] for c in payload)}}
+      return _JobStream(job, _stream(job, meta))
+    try:
+      while True:
+        try:
+          kind, payload = await asyncio.wait_for(job.events.get(), 0.5)
+        except asyncio.TimeoutError:
+          if await request.is_disconnected():
+            return JSONResponse({"detail": "client gone"}, 499)
+          continue
+        if kind == "error":
+          return JSONResponse(_error_body(payload), status_code=_status(payload))
+        if kind == "done":
+          return {**meta, "choices": payload, "policy": server.policy,
+                  "usage": {"prompt_tokens": sum(map(len, prompts)),
+                            "completion_tokens": sum(c["tokens"] for c in payload)},
+                  "sent_at": time.time()}
+    finally:
+      job.cancelled = True   # answered, or its client is gone: nothing more is decoded
 
-  async def _stream(job: Job, meta: dict):
+  async def _stream(job: worker_lib.Job, meta: dict):
     while True:
       kind, payload = await job.events.get()
       if kind == "error":
-        yield f"data: {json.dumps({'error': {'message': str(payload), 'status': _status(payload)}})}\n\n"
+        error = {"message": _error_body(payload)["detail"], "status": _status(payload)}
+        yield f"data: {json.dumps({'error': error})}\n\n"
         return
-      if kind == "chunk":
-        yield f"data: {json.dumps({**meta, 'choices': payload})}\n\n"
+      if kind == "chunk":   # sent_at: when it left, to compare with an unlearn's return
+        yield f"data: {json.dumps({**meta, 'choices': payload, 'sent_at': time.time()})}\n\n"
       else:
         done = [{k: c[k] for k in ("index", "finish_reason", "mode", "source", "policy")}
                 for c in payload]
-        yield f"data: {json.dumps({**meta, 'choices': done})}\n\n"
+        yield f"data: {json.dumps({**meta, 'choices': done, 'sent_at': time.time()})}\n\n"
         yield "data: [DONE]\n\n"
         return
 
   @app.get("/v1/sources/{ref:path}")
-  def source(ref: str, b: switchboard.Switchboard = Depends(board)):
-    rows = b.resolve([ref], all_matching=True)
-    return {"sources": [{**r, "ledger": b.ledger(r["id"])} for r in rows]}
+  def source(ref: str):
+    rows = board.resolve([ref], all_matching=True)
+    return {"sources": [{**r, "ledger": board.ledger(r["id"])} for r in rows[:1000]]}
 
   @app.get("/v1/sources")
   def sources(status: Literal["active", "unlearned"] | None = None,
-              offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=1000),
-              b: switchboard.Switchboard = Depends(board)):
-    return {"counts": b.counts(), "sources": b.page(status, offset, limit)}
+              offset: int = Query(0, ge=0, le=catalog.MAX_ID),
+              limit: int = Query(50, ge=1, le=1000)):
+    return {"counts": board.counts(), "sources": board.page(status, offset, limit)}
 
-  def change(action: str, body: Change, b: switchboard.Switchboard):
+  def change(action: str, body: Change):
     if action == "unlearn":
-      got = b.unlearn(body.sources, body.reason, body.who or "http", body.all_matching)
+      got = board.unlearn(body.sources, body.reason, body.who or "http", body.all_matching)
     else:
-      got = b.reactivate(body.sources, body.reason, body.who or "http",
-                         allowed=server.cfg.unlearn.allow_reactivation,
-                         all_matching=body.all_matching)
-    return {**got, "ledger_seq": b.ledger_seq()}
+      got = board.reactivate(body.sources, body.reason, body.who or "http",
+                             allowed=server.cfg.unlearn.allow_reactivation,
+                             all_matching=body.all_matching)
+    # committed either way; 202 says a live server has not confirmed it yet
+    return JSONResponse(got, 202 if got["in_force"]["late"] else 200)
 
   @app.post("/v1/unlearn", dependencies=[Depends(admin)])
-  def unlearn(body: Change, b: switchboard.Switchboard = Depends(board)):
-    return change("unlearn", body, b)
+  def unlearn(body: Change):
+    return change("unlearn", body)
 
   @app.post("/v1/reactivate", dependencies=[Depends(admin)])
-  def reactivate(body: Change, b: switchboard.Switchboard = Depends(board)):
-    return change("reactivate", body, b)
+  def reactivate(body: Change):
+    return change("reactivate", body)
 
   @app.get("/healthz")
-  def health(b: switchboard.Switchboard = Depends(board)):
+  def health():
     return {"status": "ok", "run": run_dir, "step": server.step, "policy": server.policy,
-            "sources": b.counts(), "ledger_seq": b.ledger_seq(),
-            "queued": worker.queue.qsize()}
+            "sources": board.counts(), "ledger_seq": board.ledger_seq(),
+            "in_force_seq": server.seq, "queued": worker.queued(), "worker": dict(worker.stats)}
 
   return app

@@ -27,36 +27,29 @@ OPENING = 64   # tokens of a source's first document that its router embedding r
 
 
 class Excluder:
-  """The union of unlearned sources' units, kept current from the ledger: O(new sources)
-  per refresh (a reactivation rebuilds it)."""
+  """The union of unlearned sources' units: O(new sources) per addition."""
 
-  def __init__(self, spec: sinks.SinkSpec, board: switchboard.Switchboard):
-    self.spec, self.board, self.seq = spec, board, 0
+  def __init__(self, spec: sinks.SinkSpec):
+    self.spec = spec
     self._masks = jax.jit(lambda ids: sinks.exclusion(spec, ids))
     self.mlp = np.zeros((spec.mask_layers, spec.mlp.size), bool)
     self.attn = np.zeros((spec.mask_layers, spec.attn.size), bool) if spec.attn else None
-    self.refresh()
 
-  def _add(self, ids):
-    padded = np.zeros(max(8, 1 << (len(ids) - 1).bit_length()), np.int32)  # few shapes
-    padded[:len(ids)] = ids
-    got = self._masks(padded)
-    self.mlp |= np.asarray(got.mlp)
+  def clear(self):
+    self.mlp[:] = False
     if self.attn is not None:
-      self.attn |= np.asarray(got.attn)
+      self.attn[:] = False
 
-  def refresh(self) -> int:
-    """Fold in ledger events since the last call; returns how many there were."""
-    events, self.seq = self.board.events_since(self.seq)
-    if any(action == "reactivate" for action, _ in events):
-      self.mlp[:] = False
+  def add(self, ids):
+    ids = list(ids)
+    for start in range(0, len(ids), 4096):
+      part = ids[start:start + 4096]
+      padded = np.zeros(max(8, 1 << (len(part) - 1).bit_length()), np.int32)  # few shapes
+      padded[:len(part)] = part
+      got = self._masks(padded)
+      self.mlp |= np.asarray(got.mlp)
       if self.attn is not None:
-        self.attn[:] = False
-      events = [("unlearn", i) for i in self.board.unlearned_ids()]
-    new = [i for action, i in events if action == "unlearn"]
-    for start in range(0, len(new), 4096):
-      self._add(new[start:start + 4096])
-    return len(events)
+        self.attn |= np.asarray(got.attn)
 
   def exclusion(self, policy: str) -> sinks.Exclusion:
     if policy == "route":   # nothing zeroed; unlearned sources are just never chosen
@@ -144,6 +137,16 @@ def _mean_features_impl(setup, params, tokens, seg):
 _mean_features = jax.jit(_mean_features_impl, static_argnums=0)
 
 
+def named_source(board: switchboard.Switchboard, mode: str) -> int:
+  """The source id a serving mode names (0 for route, placebo and backbone); refuses a
+  malformed mode and an unlearned, ambiguous or unknown source."""
+  if mode in ("route", "placebo", "backbone"):
+    return 0
+  if not mode.startswith("source:"):
+    raise UserError(f"unknown mode {mode[:100]!r}: route, source:KEY, backbone or placebo")
+  return board.active(mode.split(":", 1)[1])["id"]
+
+
 class Server:
   """One run on one device: its newest checkpoint (or `step`), tokenizer, switchboard,
   exclusion mask and router."""
@@ -161,8 +164,10 @@ class Server:
     self.params, self.identity = run.params, run.identity
     self.tokenizer = run_tokenizer(self.cfg, self.identity)
     self.board = switchboard.Switchboard(run_dir)
-    self.excluder = Excluder(self.setup.spec, self.board) if self.setup.spec else None
+    self.excluder = Excluder(self.setup.spec) if self.setup.spec else None
+    self.seq, self.unlearned = 0, set()   # the ledger as folded in: its position, the result
     self._router = None
+    self.refresh()
 
   @property
   def router(self) -> Router:
@@ -190,7 +195,7 @@ class Server:
 
   def alive(self) -> np.ndarray:
     """bool per router source: not unlearned (vectorised: the router may hold millions)."""
-    return ~np.isin(self.router.ids, np.asarray(self.board.unlearned_ids(), np.int64))
+    return ~np.isin(self.router.ids, np.fromiter(self.unlearned, np.int64, len(self.unlearned)))
 
   def encode(self, text: str) -> list[int]:
     return [self.tokenizer.bos, *self.tokenizer.encode(text)]
@@ -199,25 +204,41 @@ class Server:
     """(row source ids, gate mode) for a serving mode; refuses unlearned sources before
     anything else."""
     self.refresh()
-    if not (mode in ("route", "placebo", "backbone") or mode.startswith("source:")):
-      raise UserError(f"unknown mode {mode!r}: route, source:KEY, backbone or placebo")
-    named = self.board.active(mode.split(":", 1)[1])["id"] if mode.startswith("source:") else 0
+    named = named_source(self.board, mode)
     if self.setup.spec is None:   # the dense control: no sinks, but the same refusals
       return np.zeros(len(texts), np.int32), "dense"
     if mode in ("route", "placebo"):
-      alive = self.alive()
-      if not alive.any():
-        raise UserError("every source of this run is unlearned: nothing to route to "
-                        "(use --mode backbone)")
-      queries = Router.embed(self.setup, self.params, [self.encode(t) for t in texts])
-      return self.router.rank(queries, alive, farthest=mode == "placebo").astype(np.int32), "source"
-    mode = "backbone" if mode == "backbone" else "source"
-    return np.full(len(texts), named, np.int32), mode
+      return self.route(texts, farthest=mode == "placebo"), "source"
+    return np.full(len(texts), named, np.int32), "source" if named else "backbone"
 
-  def refresh(self):
-    """Pick up unlearning that landed since the last request (any process may have written)."""
-    if self.excluder:
-      self.excluder.refresh()
+  def route(self, texts: list[str], farthest: bool = False) -> np.ndarray:
+    """The nearest surviving source per text (the farthest, for the placebo)."""
+    alive = self.alive()
+    if not alive.any():
+      raise UserError("every source of this run is unlearned: nothing to route to (use "
+                      "mode backbone)")
+    queries = Router.embed(self.setup, self.params, [self.encode(t) for t in texts])
+    return self.router.rank(queries, alive, farthest).astype(np.int32)
+
+  def refresh(self) -> set[int]:
+    """Fold in the ledger entries committed since the last call (by any process); returns
+    the sources they unlearned. Costs one read of SQLite's shared memory when nothing
+    changed."""
+    if not self.board.changed():
+      return set()
+    events, seq = self.board.events_since(self.seq)
+    new = {i for action, i in events if action == "unlearn"}
+    if any(action == "reactivate" for action, _ in events):
+      self.unlearned = set(self.board.unlearned_ids())
+      if self.excluder:
+        self.excluder.clear()
+        self.excluder.add(sorted(self.unlearned))
+    else:
+      self.unlearned |= new
+      if self.excluder:
+        self.excluder.add(sorted(new))
+    self.seq = seq
+    return new
 
   def exclusion(self):
     return self.excluder.exclusion(self.policy) if self.excluder else None
