@@ -12,17 +12,23 @@ compute, AdamW lr 5e-4. ~1.0B parameters. Presets pick the mesh for the hardware
 
 from sinkformer.config import apply_presets, base
 
-# Meshes follow practice: FSDP within a node/slice (NVLink, ICI), data parallel across them
-# (dcn_data: the data-centre network). Micro-batches (batch_size / grad_accum rows over the
-# data*fsdp devices) of 4 rows per device with remat "dots": see `sinkformer plan`.
+# Meshes follow practice: parameters sharded within a node/slice (NVLink, ICI), data parallel
+# across them (dcn_data: the data-centre network). Micro-batches (batch_size / grad_accum rows
+# over the data*fsdp devices) of 4 rows per device with remat "dots": see `sinkformer plan`.
+# train.sync "step": whole bf16 weights and f32 gradients fit every device (22 GiB of
+# temporaries vs 14), and gathering once per step moves far less than per layer and
+# micro-batch (plan, per device per step: h100x8 84.6 -> 5.6 GiB, h100x8x4 22.5 -> 6.1 of
+# which 0.5 across nodes, v5p_128 10.6 -> 5.6).
 PRESETS = {
     "dense": {"model.kind": "dense"},
-    "h100x8": {"mesh.data": 1, "mesh.fsdp": 8, "train.grad_accum": 16},          # one 8-GPU node
+    "h100x8": {"mesh.data": 1, "mesh.fsdp": 8, "train.grad_accum": 16,           # one 8-GPU node
+               "train.sync": "step"},
     "h100x8x4": {"mesh.data": 1, "mesh.fsdp": 8, "mesh.dcn_data": 4,             # four nodes
-                 "train.grad_accum": 4},
-    "v5p_128": {"mesh.data": 1, "mesh.fsdp": 64, "train.grad_accum": 2},         # one slice, 64 chips
+                 "train.grad_accum": 4, "train.sync": "step"},
+    "v5p_128": {"mesh.data": 1, "mesh.fsdp": 64, "train.grad_accum": 2,          # one slice, 64 chips
+                "train.sync": "step"},
     "v5p_128x2": {"mesh.data": 1, "mesh.fsdp": 64, "mesh.dcn_data": 2,           # two slices
-                  "train.grad_accum": 1},
+                  "train.grad_accum": 1, "train.sync": "step"},
 }
 
 

@@ -42,7 +42,11 @@ def base() -> ml_collections.ConfigDict:
                  keep_checkpoints=3,
                  # a NULL's backbone (all but the sink units) at other rates: keeps
                  # source-specific facts out of attention and embeddings (eval: all-mlp-off)
-                 backbone_lr_scale=1.0, backbone_decay_scale=1.0)
+                 backbone_lr_scale=1.0, backbone_decay_scale=1.0,
+                 # when weights are gathered and gradients reduced on a data/fsdp mesh:
+                 # "micro" (FSDP: per layer and micro-batch, least memory) or "step" (once
+                 # per step: whole weights and gradients per device, far fewer bytes)
+                 sync="micro")
   # Serving: exclude = zero unlearned sources' units in every pass; route = only never pick
   # them. The router embeds each source's title+opening (or its title only).
   c.unlearn = dict(policy="exclude", router="title+opening", allow_reactivation=False)
@@ -208,6 +212,7 @@ def validate(cfg, num_devices: int) -> tuple[int, ...]:
            f"{t.warmup_steps} must be in 0..train.steps-1={t.steps - 1}")
   for field in ("backbone_lr_scale", "backbone_decay_scale"):
     _require(t[field] >= 0, f"train.{field}", f"must be >= 0, got {t[field]}")
+  _require(t.sync in ("micro", "step"), "train.sync", f"{t.sync!r} is not 'micro' or 'step'")
   _require(t.checkpoint_every > 0, "train.checkpoint_every", f"must be positive, got "
            f"{t.checkpoint_every} (a checkpoint is also written at the last step)")
 
@@ -218,6 +223,8 @@ def validate(cfg, num_devices: int) -> tuple[int, ...]:
   _require(micro % replicas == 0, "train.batch_size",
            f"micro-batch {micro} (batch_size/grad_accum) is not divisible by mesh "
            f"data*fsdp={replicas}")
+  _require(t.sync == "micro" or sizes["tensor"] == 1, "train.sync",
+           f"'step' needs mesh.tensor = 1 (got {sizes['tensor']}); use 'micro'")
   for field, size in (("model.d_model", m.d_model),):
     _require(size % sizes["fsdp"] == 0, field, f"{size} is not divisible by mesh.fsdp={sizes['fsdp']}")
   for field, size in (("model.num_heads", m.num_heads), ("model.num_kv_heads", m.num_kv_heads),

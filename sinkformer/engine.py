@@ -81,11 +81,17 @@ def _backbone_scaled(backbone, weight_decay, lr_scale, decay_scale) -> optax.Gra
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def build(cfg, devices=None) -> Setup:
+def build(cfg, devices=None, platform: str | None = None) -> Setup:
+  """`cfg` on a mesh of `devices` (default: all; a number: an abstract mesh of that many,
+  to lower for), its kernels chosen for `platform` (default: this process's; another one
+  to lower for it, e.g. "gpu" on a CPU)."""
   devices = jax.devices() if devices is None else devices
-  shape = config_lib.validate(cfg, len(devices))
-  mesh = mesh_lib.make_mesh(shape, devices, config_lib.dcn_shape(cfg.mesh))
-  dims = transformer.Dims.from_config(cfg)
+  if isinstance(devices, int):
+    mesh = mesh_lib.abstract_mesh(config_lib.validate(cfg, devices))
+  else:
+    mesh = mesh_lib.make_mesh(config_lib.validate(cfg, len(devices)), devices,
+                              config_lib.dcn_shape(cfg.mesh))
+  dims = transformer.Dims.from_config(cfg, platform)
   graphdef, abstract_params, axes = transformer.abstract(dims)
   tx, schedule = make_optimizer(cfg, dims)
   return Setup(cfg, mesh, dims, sinks.SinkSpec.from_config(cfg), graphdef,

@@ -1,5 +1,6 @@
 """`sinkformer plan`: sizes from the sharding rules, XLA's analysis when devices exist."""
 
+import json
 import subprocess
 import sys
 
@@ -38,3 +39,36 @@ def test_plan_command_prints_a_summary():
                        timeout=300)
   assert out.returncode == 0, out.stderr
   assert "parameters: 1,006,695,360" in out.stdout and "per device:" in out.stdout
+
+
+LOWER = r"""
+import json, sys
+from sinkformer import config
+from sinkformer.train import plan
+cfg = config.load("experiments/wiki_1b.py:h100x8", (f"--config.mesh.fsdp={sys.argv[2]}",))
+print(json.dumps(plan.lower(cfg, sys.argv[1])))
+"""
+
+
+@pytest.mark.parametrize("platform,backend", [("cuda", "pallas"), ("tpu", "splash")])
+@pytest.mark.parametrize("devices", [1, 8])
+def test_the_1b_train_step_lowers_for_gpus_and_tpus_with_their_kernels(platform, backend, devices):
+  """The whole 32-layer step (scanned, remat as configured) with the platform's attention
+  kernel, lowered on an abstract mesh: no accelerator, nothing allocated. One process per
+  lowering, as `plan --platform` runs: jax's lowering caches do not expect one process to
+  lower a kernel for several platforms and meshes."""
+  proc = subprocess.run([sys.executable, "-c", LOWER, platform, str(devices)],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert (got["platform"], got["devices"], got["attention"]) == (platform, devices, backend)
+  assert got["layers"] == 32 and got["remat"] == "dots"
+  assert got["kernel_calls"] >= 3   # forward (and its recomputation), dK/dV, dQ
+
+
+def test_plan_lowers_for_a_platform_from_the_command_line():
+  out = subprocess.run([sys.executable, "-m", "sinkformer", "plan", "--config",
+                        "experiments/wiki_1b.py:h100x8", "--platform", "cuda"],
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert "lowered for cuda on 8 device(s)" in out.stdout and "attention pallas" in out.stdout

@@ -14,9 +14,9 @@ from sinkformer import checkpoint, config
 from sinkformer.train import trainer
 
 root = sys.argv[1]
-def run(name, mesh, devices, steps=4):
+def run(name, mesh, devices, steps=4, sync="micro"):
   cfg = config.load("experiments/quickstart.py:smoke", (
-      "--config.model.num_kv_heads=2", f"--config.train.steps={steps}",
+      "--config.model.num_kv_heads=2", f"--config.train.steps={steps}", f"--config.train.sync={sync}",
       "--config.train.warmup_steps=1", "--config.train.log_every=1",
       "--config.train.eval_every=0", "--config.train.checkpoint_every=2"))
   cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
@@ -27,6 +27,7 @@ out, params = {}, {}
 for mesh in [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]:
   name = ",".join(map(str, mesh))
   out[name], params[name] = run(name, mesh, jax.devices()[:int(np.prod(mesh))])
+out["step"], _ = run("step", (2, 4, 1), jax.devices(), sync="step")   # gathered once per step
 
 # Resume the (2,2,2) run from its step-2 checkpoint on an (8,1,1) mesh.
 shutil.copytree(f"{root}/2,2,2", f"{root}/moved")
@@ -48,7 +49,7 @@ def test_meshes_agree_and_checkpoints_restore_onto_another_mesh(tmp_path):
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   one = out["1,1,1"]
   assert len(one) == 4
-  for mesh in ("8,1,1", "2,4,1", "2,2,2"):
+  for mesh in ("8,1,1", "2,4,1", "2,2,2", "step"):
     assert out[mesh] == pytest.approx(one, rel=1e-5), mesh
   assert out["moved"] == pytest.approx(out["2,2,2"][2:], rel=1e-5)   # steps 3 and 4 again
   assert out["moved_max_param_diff"] < 1e-5
@@ -130,3 +131,54 @@ def test_parameters_moments_and_collectives_follow_the_sharding_rules():
   assert fsdp["embed_spec"] == "P('tensor', 'fsdp')"
   assert out["2,2,2"]["split_params"] == 9 and out["2,2,2"]["param_gathers"] > 0
   assert out["sharded_kernel_max_diff"] < 1e-4
+
+
+COMMS = r"""
+import json, jax, numpy as np
+from sinkformer import config, engine
+from sinkformer.data import pipeline
+from sinkformer.parallel import comms, mesh as mesh_lib
+from sinkformer.train import trainer
+
+out = {}
+for mesh, sync in [((1, 8, 1), "micro"), ((2, 4, 1), "step")]:
+  cfg = config.load("experiments/quickstart.py:smoke,bf16", (
+      "--config.model.num_kv_heads=2", "--config.train.batch_size=16",
+      "--config.train.grad_accum=2", f"--config.train.sync={sync}"))
+  cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+  setup = engine.build(cfg)
+  state = engine.abstract_state(setup)
+  batch = {k: jax.ShapeDtypeStruct((16, cfg.data.seq_len), np.int32, sharding=setup.batch_sharding)
+           for k in pipeline.FIELDS}
+  with mesh_lib.using(setup.mesh):
+    _, hlo = comms.partitioned(trainer.jit_train_step(setup, batch).lower(state, batch))
+  got = comms.read(hlo)
+  out[sync] = {"weight_gathers": [(c.dtype, c.runs) for c in got if c.op == "all-gather"
+                                  and c.bytes >= 4096 and c.dtype[0] in "bf"],   # not token ids
+               "reductions": {op: sum(c.runs for c in got if c.op == op and c.bytes >= 4096)
+                              for op in ("all-reduce", "reduce-scatter")},
+               "reduced_dtypes": sorted({c.dtype for c in got if c.op == "reduce-scatter"}),
+               "split": sum(not s.spec == jax.sharding.PartitionSpec(*[None] * len(s.spec))
+                            for s in jax.tree.leaves(setup.state_shardings["params"]))}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_weights_move_in_bf16_and_step_sync_reduces_each_gradient_once():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"}
+  proc = subprocess.run([sys.executable, "-c", COMMS], env=env, capture_output=True, text=True,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  micro, step = out["micro"], out["step"]
+  # FSDP: every weight gathered in bf16, per layer and micro-batch; gradients reduced each time
+  assert micro["weight_gathers"] and {d for d, _ in micro["weight_gathers"]} == {"bf16"}
+  assert sum(r for _, r in micro["weight_gathers"]) >= 2 * 2 * 7   # micro-batches x layers x matrices
+  assert micro["reductions"]["all-reduce"] >= 2 * 2 * 7
+  # once per step: each split parameter gathered once (bf16) and its gradient reduce-scattered
+  # once, in float32, whatever the number of micro-batches and layers
+  assert {d for d, _ in step["weight_gathers"]} == {"bf16"}
+  assert [r for _, r in step["weight_gathers"]] == [1] * step["split"]
+  assert step["reductions"]["reduce-scatter"] == step["split"] == 9
+  assert step["reduced_dtypes"] == ["f32"]

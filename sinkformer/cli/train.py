@@ -78,11 +78,21 @@ def _plan_flags(fv, argv):
   define_config_flag(fv, argv)
   flags.DEFINE_boolean("unrolled", False, "also compile the unrolled layout (blocks in a "
                        "Python loop) and compare compile times", flag_values=fv)
+  flags.DEFINE_enum("platform", None, ["cuda", "tpu"], "also lower the train step for this "
+                    "platform on an abstract mesh of the config's size (its attention kernels "
+                    "included): proof that it compiles there, without the hardware",
+                    flag_values=fv)
 
 
 def _plan(fv):
   from sinkformer.train import plan
   plan.print_plan(plan.plan(fv.config, fv.unrolled))
+  if fv.platform:
+    got = plan.lower(fv.config, fv.platform)
+    print(f"lowered for {got['platform']} on {got['devices']} device(s) {got['mesh']}: "
+          f"{got['layers']} layers, attention {got['attention']} ({got['kernel_calls']} kernel "
+          f"calls), remat {got['remat']}, in {got['seconds']:.1f} s "
+          f"({got['stablehlo_bytes'] / 1e6:.1f} MB of StableHLO)")
 
 
 COMMANDS = {

@@ -58,18 +58,19 @@ class Dims:
   attention: str = "xla"      # a resolved backend of attention.BACKENDS
   remat: str = "none"         # a policy of REMAT
   scan_layers: bool = True    # False: a Python loop over the same stacked parameters
+  platform: str = "cpu"       # what it is built for (cpu, gpu, tpu): kernels interpret on cpu
 
   @classmethod
   def from_config(cls, cfg, platform: str | None = None) -> Dims:
     """`platform` resolves `model.attention` (default: this process's backend)."""
     if cfg.model.remat not in REMAT:
       raise ConfigError("model.remat", f"{cfg.model.remat!r} is not one of {', '.join(REMAT)}")
-    static = {"attention", "remat", "scan_layers"}
+    static = {"attention", "remat", "scan_layers", "platform"}
     fields = {f.name for f in dataclasses.fields(cls)} - {"num_sinks"} - static
+    platform = platform or jax.default_backend()
     return cls(num_sinks=cfg.sinks.num, **{f: cfg.model[f] for f in fields},
-               attention=attention_lib.resolve(cfg.model.attention,
-                                               platform or jax.default_backend()),
-               remat=cfg.model.remat, scan_layers=cfg.model.scan_layers)
+               attention=attention_lib.resolve(cfg.model.attention, platform),
+               remat=cfg.model.remat, scan_layers=cfg.model.scan_layers, platform=platform)
 
 
 def _linear(fan_in, fan_out, axes, m, rngs, std=0.02):
@@ -112,7 +113,7 @@ class Attention(nnx.Module):
     k = rope(self.k(x).reshape(b, t, m.num_kv_heads, m.head_dim), positions, m.rope_base)
     v = self.v(x).reshape(b, t, m.num_kv_heads, m.head_dim)
     if cache is None:
-      out = attention_lib.packed(q, k, v, segment_ids, m.attention)
+      out = attention_lib.packed(q, k, v, segment_ids, m.attention, m.platform)
     else:
       at = (layer, 0, cache.index, 0, 0)
       cache = cache._replace(k=jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),

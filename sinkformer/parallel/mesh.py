@@ -56,6 +56,21 @@ def make_mesh(shape: tuple[int, ...], devices=None, dcn: tuple[int, ...] = (1, 1
   return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def abstract_mesh(shape: tuple[int, ...]) -> jax.sharding.AbstractMesh:
+  """The (data, fsdp, tensor) mesh of `shape` without devices: enough to lower a step for a
+  platform this process does not have (plan --platform)."""
+  return jax.sharding.AbstractMesh(tuple(shape), MESH_AXES,
+                                   axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def using(mesh):
+  """The context to trace a step under: the mesh (activation constraints and kernels see
+  it), or an abstract mesh alone."""
+  if isinstance(mesh, Mesh):
+    return jax.set_mesh(mesh)
+  return jax.sharding.use_abstract_mesh(mesh)
+
+
 def spec(logical_axes) -> PartitionSpec:
   """The PartitionSpec of logical axes (None: an axis never split)."""
   return PartitionSpec(*(None if a is None else RULES[a] for a in logical_axes))
@@ -73,11 +88,31 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def constrain(x, logical_axes):
-  """Pin activation `x` to the rules when tracing under a mesh; a no-op without one (a
-  single-device function needs no layout)."""
-  if jax.sharding.get_abstract_mesh().empty:
+  """Pin activation `x` to the rules when tracing under a mesh, over the axes the
+  partitioner still owns here (inside a shard_map some are manual); a no-op without a mesh
+  (a single-device function needs no layout)."""
+  free = free_axes(include_trivial=True)
+  if not free:
     return x
-  return jax.lax.with_sharding_constraint(x, spec(logical_axes))
+  return jax.lax.with_sharding_constraint(x, over(spec(logical_axes), free))
+
+
+def free_axes(include_trivial: bool = False) -> tuple[str, ...]:
+  """The mesh axes traced code may still partition over: not manual (inside a shard_map),
+  and, unless `include_trivial`, of size > 1."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  return tuple(a for a in mesh.axis_names if a not in mesh.manual_axes
+               and (include_trivial or mesh.shape[a] > 1))
+
+
+def over(partition: PartitionSpec, axes) -> PartitionSpec:
+  """`partition` with only the mesh `axes` kept."""
+  def keep(entry):
+    kept = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,)) if a in axes)
+    return None if not kept else kept[0] if len(kept) == 1 else kept
+  return PartitionSpec(*(None if e is None else keep(e) for e in partition))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -20,8 +20,10 @@ import numpy as np
 import optax
 
 from sinkformer import config as config_lib, engine
+from sinkformer.data import pipeline
+from sinkformer.errors import UserError
 from sinkformer.model import flops, transformer
-from sinkformer.parallel import mesh as mesh_lib
+from sinkformer.parallel import comms, mesh as mesh_lib
 from sinkformer.train import trainer
 
 
@@ -54,7 +56,7 @@ def plan(cfg, unrolled: bool = False) -> dict:
   tokens = cfg.train.batch_size * cfg.data.seq_len
   flops_token = flops.flops_per_token(dims, cfg.data.seq_len)
   out = {"mesh": shape, "dcn": dict(zip(config_lib.MESH_AXES, config_lib.dcn_shape(cfg.mesh))),
-         "remat": cfg.model.remat,
+         "remat": cfg.model.remat, "sync": cfg.train.sync,
          "parameters": transformer.count_params(abstract_params),
          "flops_per_token": flops_token, "flops_per_step": flops_token * tokens,
          "tokens_per_step": tokens}
@@ -84,6 +86,34 @@ def plan(cfg, unrolled: bool = False) -> dict:
   return out
 
 
+# what the kernels are in a lowered module: custom calls the exporting process cannot check
+KERNEL_CALLS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+PLATFORMS = {"cuda": "gpu", "tpu": "tpu"}   # jax.export's names -> the model's
+
+
+def lower(cfg, platform: str, devices: int | None = None) -> dict:
+  """Lower the train step for `platform` (cuda or tpu) on an abstract mesh of the config's
+  size (or of `devices`), with the config's attention backend resolved for that platform:
+  shapes only, nothing allocated, no accelerator needed. Fails on any lowering error."""
+  if platform not in PLATFORMS:
+    raise UserError(f"--platform {platform!r}: one of {', '.join(PLATFORMS)}")
+  setup = engine.build(cfg, devices or _mesh_size(cfg), platform=PLATFORMS[platform])
+  state = engine.abstract_state(setup)
+  batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), np.int32,
+                                   sharding=setup.batch_sharding) for k in pipeline.FIELDS}
+  checks = [jax.export.DisabledSafetyCheck.custom_call(c) for c in KERNEL_CALLS.values()]
+  t0 = time.perf_counter()
+  with mesh_lib.using(setup.mesh):
+    exported = jax.export.export(trainer.jit_train_step(setup, batch), platforms=[platform],
+                                 disabled_checks=checks)(state, batch)
+  text = exported.mlir_module()
+  return {"platform": platform, "devices": exported.nr_devices,
+          "mesh": dict(setup.mesh.shape), "attention": setup.dims.attention,
+          "remat": setup.dims.remat, "layers": setup.dims.num_layers,
+          "seconds": time.perf_counter() - t0, "stablehlo_bytes": len(text),
+          "kernel_calls": text.count(KERNEL_CALLS[platform])}
+
+
 def _compile(cfg, devices: int, remat: str, scan: bool) -> dict:
   """AOT-compile the train step on abstract inputs: seconds, XLA FLOPs and memory per device."""
   cfg = cfg.copy_and_resolve_references()
@@ -91,11 +121,11 @@ def _compile(cfg, devices: int, remat: str, scan: bool) -> dict:
   setup = engine.build(cfg, jax.devices()[:devices])
   state = engine.abstract_state(setup)
   batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), np.int32,
-                                   sharding=setup.batch_sharding)
-           for k in ("tokens", "targets", "loss_mask", "source_ids", "segment_ids", "positions")}
+                                   sharding=setup.batch_sharding) for k in pipeline.FIELDS}
   t0 = time.perf_counter()
-  compiled = trainer.compile_train_step(setup, state, batch)
-  got = {"compile_s": time.perf_counter() - t0}
+  with mesh_lib.using(setup.mesh):
+    compiled, hlo = comms.partitioned(trainer.jit_train_step(setup, batch).lower(state, batch))
+  got = {"compile_s": time.perf_counter() - t0, "comms": comms.summary(comms.read(hlo))}
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   got["xla_flops_per_step_per_device"] = float(cost.get("flops", float("nan")))
@@ -133,6 +163,13 @@ def print_plan(result: dict):
     extra = got["recompute_flops_per_step"] / result["flops_per_step"]
     print(f"  {remat:5s} compiled in {got['compile_s']:6.1f} s; {mem}; recomputes "
           f"+{100 * extra:.0f}% FLOPs")
+  moved = result["compiled"][result["remat"]]["comms"]
+  print(f"communication per step and device (train.sync {result['sync']}; the partitioner's "
+        "collectives, loops counted):" + ("" if moved else " none"))
+  for op, row in moved.items():
+    dtypes = ", ".join(f"{d} {gib(b)}" for d, b in sorted(row["by_dtype"].items(),
+                                                         key=lambda x: -x[1]))
+    print(f"  {op:18s} {row['runs']:6,d} times, {gib(row['bytes'])} ({dtypes})")
   if "unrolled" in result:
     u, scanned = result["unrolled"], result["compiled"][result["remat"]]
     print(f"unrolled layout ({result['remat']}): compiled in {u['compile_s']:.1f} s, "

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from sinkformer import checkpoint, engine, storage
 from sinkformer.data import pipeline
@@ -60,8 +61,9 @@ def _microbatches(batch, accum: int):
   return jax.tree.map(split, batch)
 
 
-def train_step(setup: engine.Setup, state: dict, batch: dict):
-  """One optimizer update on a (possibly accumulated) batch -> (new state, metrics)."""
+def _accumulate(setup: engine.Setup, params, batch):
+  """(gradients in float32, summed loss, real target tokens, per-document sums) of `params`
+  over `batch` in train.grad_accum micro-batches."""
   def loss_fn(params, micro):
     nll, mask = engine.token_losses(setup, params, micro)
     docs = {"source": sinks.doc_sources(micro["source_ids"], micro["segment_ids"], setup.max_docs),
@@ -72,12 +74,64 @@ def train_step(setup: engine.Setup, state: dict, batch: dict):
 
   def accumulate(carry, micro):
     grads, loss, tokens = carry
-    (l, (n, docs)), g = grad_fn(state["params"], micro)
-    return (jax.tree.map(jnp.add, grads, g), loss + l, tokens + n), docs
+    (l, (n, docs)), g = grad_fn(params, micro)
+    return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g), loss + l,
+            tokens + n), docs
 
-  zeros = jax.tree.map(jnp.zeros_like, state["params"])
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   (grads, loss, tokens), docs = jax.lax.scan(
       accumulate, (zeros, 0.0, 0.0), _microbatches(batch, setup.cfg.train.grad_accum))
+  return grads, loss, tokens, docs
+
+
+def _per_step(setup: engine.Setup, params, batch):
+  """Gradients with one gather and one reduction per step (train.sync = "step"): in a
+  shard_map over (data, fsdp), every device gathers all the weights once, in the compute
+  dtype, runs its own rows' micro-batches, and the summed float32 gradients are
+  reduce-scattered back to the parameters' layout once. Costs whole weights and whole
+  gradients per device; moves the weights once, not twice per layer and micro-batch."""
+  dtype = transformer.DTYPES[setup.dims.dtype]
+  replicas = ("data", "fsdp")   # train.sync = "step" needs mesh.tensor = 1 (config.validate)
+  specs = jax.tree.map(lambda s: mesh_lib.over(s.spec, replicas), setup.state_shardings["params"])
+
+  def split_dim(spec):
+    """The dimension a parameter is split along over fsdp (None: it is whole)."""
+    return next((i for i, axes in enumerate(spec) if axes == "fsdp"), None)
+
+  def gather(p, spec):
+    p = p.astype(dtype) if p.ndim >= 2 else p
+    dim = split_dim(spec)
+    return p if dim is None else jax.lax.all_gather(p, "fsdp", axis=dim, tiled=True)
+
+  over = tuple(a for a in replicas if setup.mesh.shape[a] > 1)   # axes that split the rows
+  total = lambda x: jax.lax.psum(x, over) if over else x
+
+  def reduce(g, spec):
+    dim = split_dim(spec)
+    if dim is None:
+      return total(g)
+    g = jax.lax.psum_scatter(g, "fsdp", scatter_dimension=dim, tiled=True)
+    return jax.lax.psum(g, "data") if "data" in over else g
+
+  def local(params, batch):
+    whole = jax.tree.map(gather, params, specs)
+    grads, loss, tokens, docs = _accumulate(setup, whole, batch)
+    return jax.tree.map(reduce, grads, specs), total(loss), total(tokens), docs
+
+  rows = P(replicas)
+  return jax.shard_map(local, mesh=setup.mesh, in_specs=(specs, {k: rows for k in batch}),
+                       out_specs=(specs, P(), P(), P(None, replicas)),
+                       axis_names=set(replicas), check_vma=False)(params, batch)
+
+
+def train_step(setup: engine.Setup, state: dict, batch: dict):
+  """One optimizer update on a (possibly accumulated) batch -> (new state, metrics)."""
+  # train.sync "micro" leaves communication to the partitioner (FSDP): each layer's weights
+  # gathered where used (in the compute dtype: it casts before it gathers) in every
+  # micro-batch, and every micro-batch's gradients reduced at the backward matmul. The
+  # least memory: no device ever holds all the weights.
+  sync = _per_step if setup.cfg.train.sync == "step" and setup.mesh.size > 1 else _accumulate
+  grads, loss, tokens, docs = sync(setup, state["params"], batch)
   tokens = jnp.maximum(tokens, 1.0)
   grads = jax.tree.map(lambda g: g / tokens, grads)   # mean over every real target token
   updates, opt = setup.tx.update(grads, state["opt"], state["params"])
@@ -100,14 +154,20 @@ def eval_step(setup: engine.Setup, params, batch):
   return out
 
 
-def compile_train_step(setup: engine.Setup, state, example_batch):
-  """AOT-compiled train step with explicit shardings; the state argument is donated."""
+def jit_train_step(setup: engine.Setup, fields):
+  """The train step, jitted with explicit shardings (batch `fields` [B, T]); the state
+  argument is donated. Trace it under mesh.using(setup.mesh)."""
   state_sh = setup.state_shardings
-  batch_sh = {k: setup.batch_sharding for k in example_batch}
-  step = jax.jit(partial(train_step, setup), in_shardings=(state_sh, batch_sh),
-                 out_shardings=(state_sh, mesh_lib.replicated(setup.mesh)), donate_argnums=0)
-  with jax.set_mesh(setup.mesh):   # activation constraints and kernels see the mesh
-    return step.lower(state, example_batch).compile()
+  batch_sh = {k: setup.batch_sharding for k in fields}
+  return jax.jit(partial(train_step, setup), in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, mesh_lib.replicated(setup.mesh)),
+                 donate_argnums=0)
+
+
+def compile_train_step(setup: engine.Setup, state, example_batch):
+  """The train step compiled ahead of time for this process's devices."""
+  with mesh_lib.using(setup.mesh):   # activation constraints and kernels see the mesh
+    return jit_train_step(setup, example_batch).lower(state, example_batch).compile()
 
 
 def compile_eval_step(setup: engine.Setup, params, example_batch):
