@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Python 3.12 x86-64 wheels of what a bare GPU machine's Python lacks (it has jax, flax, optax,
 # orbax, numpy, scipy, sentencepiece, pytest): the versions requirements.txt pins, for
-# `launch/gpu_check.sh --wheels DIR`. Run where PyPI is reachable.
+# `launch/gpu_check.py STAGE --wheels DIR`. Run where PyPI is reachable.
 #   launch/gpu_wheels.sh .whl
 set -euo pipefail
 out=${1:?usage: launch/gpu_wheels.sh DIR}
@@ -11,5 +11,5 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
   -d "$out" "$(pin grain)" "$(pin array-record)" "$(pin ml-collections)" "$(pin tensorboardX)" \
-  "$(pin psutil)" portpicker==1.6.0
+  "$(pin psutil)" portpicker==1.6.0 cloudpickle==3.1.2
 ls -1 "$out"

@@ -23,6 +23,9 @@ needed: the 1B model on a bare accelerator).
 `memory`: per rematerialisation policy, the step's memory per device from XLA's analysis at
 two micro-batch sizes, the cost of one more row, and the largest micro-batch this device
 holds.
+
+`attention`: each attention backend this platform runs, forward and backward on packed rows
+of the config's heads (16 x 1024 tokens of 32 documents each, by default).
 """
 
 from __future__ import annotations
@@ -529,6 +532,62 @@ def memory(cfg, rows=(1, 2)) -> dict:
           f"{got['row_bytes'] / 2**30:6.2f} GiB per row per device"
           + (f"; largest micro-batch {got['largest_rows_per_device']} rows per device"
              if got["largest_rows_per_device"] is not None else ""))
+  print(json.dumps(result))
+  return result
+
+
+def attention(cfg, rows: int = 16, length: int = 1024, docs: int = 32, rounds: int = 10) -> dict:
+  """Milliseconds of one forward and backward (all three gradients) of each backend that runs
+  here, on `rows` rows of `length` tokens packed with `docs` equal documents, in the
+  config's heads and compute dtype; alternating backends every round."""
+  from sinkformer.errors import ConfigError
+  from sinkformer.model import attention as attention_lib, flash
+  m = cfg.model
+  dtype = transformer.DTYPES[m.dtype]
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (rows, length, m.num_heads, m.head_dim), dtype)
+  k, v = (jax.random.normal(x, (rows, length, m.num_kv_heads, m.head_dim), dtype)
+          for x in keys[1:3])
+  weights = jax.random.normal(keys[3], q.shape, dtype)
+  seg = jax.numpy.asarray(np.repeat(np.arange(1, docs + 1), -(-length // docs))[:length][None]
+                          .repeat(rows, 0), np.int32)
+  platform = jax.default_backend()
+  result = {"bench": "attention", "rows": rows, "length": length, "docs": docs,
+            "heads": [m.num_heads, m.num_kv_heads, m.head_dim], "dtype": m.dtype,
+            "platform": platform, "backends": {}}
+  runs = {}
+  for backend in attention_lib.BACKENDS:
+    try:
+      attention_lib.resolve(backend, platform)
+    except ConfigError as e:
+      result["backends"][backend] = {"skipped": str(e).split(": ", 1)[-1]}
+      continue
+    loss = lambda q, k, v, b=backend: (attention_lib.packed(q, k, v, seg, b).astype(jax.numpy.float32)
+                                       * weights).sum()
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(q, k, v))
+    result["backends"][backend] = {"compile_s": time.perf_counter() - t0}
+
+    def run(steps: int = 1, step=step) -> float:
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        out = step(q, k, v)
+      jax.block_until_ready(out)
+      return (time.perf_counter() - t0) / steps
+    runs[backend] = run
+  times = _alternate(runs, rounds, 3, warmup=1)
+  for backend in runs:
+    result["backends"][backend]["fwd_bwd_ms"] = 1e3 * float(np.median(times[backend]))
+  blocks = flash.block_sizes(m.head_dim, length)
+  result["pallas_blocks_visited"] = flash.visited(seg, *blocks.fwd)
+  print(f"attention, {rows} x {length} tokens of {docs} documents a row, heads "
+        f"{m.num_heads}/{m.num_kv_heads} x {m.head_dim}, {m.dtype} on {platform}; the flash "
+        f"kernel visits {100 * result['pallas_blocks_visited']:.1f}% of the causal blocks")
+  for backend, got in result["backends"].items():
+    print(f"  {backend:7s} " + (f"skipped: {got['skipped']}" if "skipped" in got else
+                                f"forward+backward {got['fwd_bwd_ms']:8.2f} ms (compile "
+                                f"{got['compile_s']:.1f} s)"))
   print(json.dumps(result))
   return result
 

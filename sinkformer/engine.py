@@ -81,13 +81,13 @@ def _backbone_scaled(backbone, weight_decay, lr_scale, decay_scale) -> optax.Gra
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def build(cfg, devices=None, platform: str | None = None) -> Setup:
-  """`cfg` on a mesh of `devices` (default: all; a number: an abstract mesh of that many,
-  to lower for), its kernels chosen for `platform` (default: this process's; another one
-  to lower for it, e.g. "gpu" on a CPU)."""
+def build(cfg, devices=None, platform: str | None = None, device=None) -> Setup:
+  """`cfg` on a mesh of `devices` (default: all; a number: an abstract mesh of that many
+  `device`s, mesh.abstract_mesh's, to lower for), its kernels chosen for `platform`
+  (default: this process's; another one to lower for it, e.g. "gpu" on a CPU)."""
   devices = jax.devices() if devices is None else devices
   if isinstance(devices, int):
-    mesh = mesh_lib.abstract_mesh(config_lib.validate(cfg, devices))
+    mesh = mesh_lib.abstract_mesh(config_lib.validate(cfg, devices), device)
   else:
     mesh = mesh_lib.make_mesh(config_lib.validate(cfg, len(devices)), devices,
                               config_lib.dcn_shape(cfg.mesh))

@@ -39,7 +39,7 @@ def packed_rows(length: int, h: int = 4, hkv: int = 2, hd: int = 32):
     ("pallas", 256, (6, 2, 64)), ("pallas", 200, (3, 3, 32)),  # 3 groups; no groups, odd length
     ("splash", 128, (4, 2, 32)), ("splash", 96, (4, 2, 32))])
 def test_backend_equals_xla_forward_and_gradients(backend, length, heads):
-  if jax.default_backend() not in ("cpu",) + attention.PLATFORMS[backend]:   # gpu_check.sh
+  if jax.default_backend() not in ("cpu",) + attention.PLATFORMS[backend]:   # gpu_check.py
     pytest.skip(f"{backend} runs natively on {attention.PLATFORMS[backend]}, interpreted on cpu")
   q, k, v, seg = packed_rows(length, *heads)
   run = lambda name: lambda q, k, v: attention.packed(q, k, v, seg, name)

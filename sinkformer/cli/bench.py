@@ -19,6 +19,19 @@ def _bench(fv, name):
   bench.BENCHES[name](fv.config, rounds=fv.rounds)
 
 
+def _attention_flags(fv, argv):
+  define_config_flag(fv, argv)
+  flags.DEFINE_integer("rows", 16, "packed rows", flag_values=fv)
+  flags.DEFINE_integer("length", 1024, "tokens per row", flag_values=fv)
+  flags.DEFINE_integer("docs", 32, "documents per row (equal lengths)", flag_values=fv)
+  flags.DEFINE_integer("rounds", 10, "timed rounds", flag_values=fv)
+
+
+def _attention(fv):
+  from sinkformer import bench
+  bench.attention(fv.config, fv.rows, fv.length, fv.docs, fv.rounds)
+
+
 def _memory_flags(fv, argv):
   define_config_flag(fv, argv)
   flags.DEFINE_list("rows", ["1", "2"], "micro-batch rows per device to compile at (two or "
@@ -146,6 +159,9 @@ COMMANDS = {
     "bench mfu": ("compile seconds, first step, step time, tokens/s and MFU of the NULL and "
                   "the dense control on synthetic rows of the config's shape (JSON line too)",
                   _bench_flags, lambda fv: _bench(fv, "mfu"), ("config",)),
+    "bench attention": ("forward+backward time of each attention backend this platform runs, "
+                        "on packed rows of the config's heads", _attention_flags, _attention,
+                        ("config",)),
     "bench memory": ("per remat policy: memory per device per micro-batch row (XLA's "
                      "analysis) and the largest micro-batch this device holds",
                      _memory_flags, _memory, ("config",)),

@@ -56,11 +56,17 @@ def make_mesh(shape: tuple[int, ...], devices=None, dcn: tuple[int, ...] = (1, 1
   return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def abstract_mesh(shape: tuple[int, ...]) -> jax.sharding.AbstractMesh:
+def abstract_mesh(shape: tuple[int, ...], device=None) -> jax.sharding.AbstractMesh:
   """The (data, fsdp, tensor) mesh of `shape` without devices: enough to lower a step for a
-  platform this process does not have (plan --platform)."""
-  return jax.sharding.AbstractMesh(tuple(shape), MESH_AXES,
-                                   axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  platform this process does not have (plan --platform). `device`: (platform, device kind,
+  cores) of the chip to lower for, which kernels consult (jax >= 0.11 has a place for it)."""
+  kinds = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if device is None or not hasattr(jax.sharding, "AbstractDevice"):
+    return jax.sharding.AbstractMesh(tuple(shape), MESH_AXES, axis_types=kinds)
+  platform, kind, cores = device
+  return jax.sharding.AbstractMesh(tuple(shape), MESH_AXES, axis_types=kinds,
+                                   abstract_device=jax.sharding.AbstractDevice(
+                                       device_kind=kind, num_cores=cores, platform=platform))
 
 
 def using(mesh):

@@ -89,15 +89,18 @@ def plan(cfg, unrolled: bool = False) -> dict:
 # what the kernels are in a lowered module: custom calls the exporting process cannot check
 KERNEL_CALLS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 PLATFORMS = {"cuda": "gpu", "tpu": "tpu"}   # jax.export's names -> the model's
+TARGETS = {"cuda": ("gpu", "NVIDIA H100 80GB HBM3", 132), "tpu": ("tpu", "TPU v5p", 1)}
 
 
 def lower(cfg, platform: str, devices: int | None = None) -> dict:
   """Lower the train step for `platform` (cuda or tpu) on an abstract mesh of the config's
-  size (or of `devices`), with the config's attention backend resolved for that platform:
-  shapes only, nothing allocated, no accelerator needed. Fails on any lowering error."""
+  size (or of `devices`) of TARGETS' chips, with the config's attention backend resolved for
+  that platform: shapes only, nothing allocated, no accelerator needed. Fails on any
+  lowering error."""
   if platform not in PLATFORMS:
     raise UserError(f"--platform {platform!r}: one of {', '.join(PLATFORMS)}")
-  setup = engine.build(cfg, devices or _mesh_size(cfg), platform=PLATFORMS[platform])
+  setup = engine.build(cfg, devices or _mesh_size(cfg), platform=PLATFORMS[platform],
+                       device=TARGETS[platform])
   state = engine.abstract_state(setup)
   batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), np.int32,
                                    sharding=setup.batch_sharding) for k in pipeline.FIELDS}
