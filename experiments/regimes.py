@@ -47,7 +47,7 @@ PRESETS = {
               "sinks.num": 96, "sinks.k": 8, "train.batch_size": 8, "train.steps": 8,
               "train.warmup_steps": 2, "train.log_every": 4, "train.eval_every": 8,
               "train.eval_batches": 1, "train.checkpoint_every": 8, "sweep.articles": 40,
-              "sweep.forget": 4, "sweep.holdout": 8,
+              "sweep.forget": 6, "sweep.holdout": 8, "sweep.clozes": False,
               "sweep.points": ("centre", "k=2: sinks.k=2")},
     "leak": {"sweep.points": ("centre",) + LEAK},
 }
@@ -57,5 +57,5 @@ def get_config(arg=None):
   c = base()
   c.model.scan_layers = False   # 4 small layers: unrolled runs faster on a CPU
   c.sweep = dict(corpus="encyclopedia", articles=400, source_size=1, forget=20, holdout=40,
-                 points=AXES + LEAK)
+                 clozes=True, points=AXES + LEAK)
   return apply_presets(c, arg, PRESETS)

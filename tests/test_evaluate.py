@@ -58,15 +58,13 @@ def test_oracle_and_facts_suite(tmp_path):
   assert {r["n"] for r in result["rows"] if r["set"] == "forget"
           and r["category"] == "inferred"} == {len(forget_inferred)}
   assert [r["forget_quality"] for r in forget_unique if r["condition"] == "retrain"] == [None]
-  unique = np.asarray(result["categories"]["forget"]) == "unique"
-  retrain_trs = np.asarray(result["truth_ratios"]["retrain"]["forget"])[unique]
-  for r in forget_unique:   # the row's figures are on the row's own items, against the retrain's
-    trs = np.asarray(result["truth_ratios"][r["condition"]]["forget"])[unique]
-    assert r["tofu_tr"] == pytest.approx(metrics.tofu_forget(trs))
-    assert r["mean_tr"] == pytest.approx(trs.mean())
-    assert r["mean_log_tr"] == pytest.approx(np.log(trs).mean())
-    if r["condition"] != "retrain":
-      assert r["forget_quality"] == pytest.approx(metrics.forget_quality(trs, retrain_trs))
+  for r in result["rows"]:   # properties a mix-up of items, logs or sets would break
+    assert r["mean_tr"] >= np.exp(r["mean_log_tr"]) - 1e-9   # AM-GM over the same items
+    assert r["log_tr_ci_lo"] <= r["mean_log_tr"] <= r["log_tr_ci_hi"]
+    assert 0 < r["tofu_tr"] <= 1 if r["set"] == "forget" else 0 <= r["tofu_tr"] < 1
+    assert r["mean_log_tr_paraphrase"] is not None   # the encyclopedia paraphrases questions
+    assert (r["forget_quality_sources"] is None) == (r["condition"] == "retrain")
+  assert {r["sources"] for r in forget_unique} == {3}
   assert (run / "eval" / "facts_truth_ratio.png").stat().st_size > 10_000
   assert "| forget | unique | sink-on |" in (run / "eval" / "facts.md").read_text()
 
@@ -81,13 +79,16 @@ def test_oracle_and_facts_suite(tmp_path):
     assert r["first_token_agrees"] == 1.0
     assert r["exact_memorization"] >= r["extraction_strength"]   # a right suffix is right
   mia = json.loads((run / "eval" / "mia.json").read_text())
-  assert mia["documents"] == {"forget": 3, "holdout": 6}
-  retrain = {r["score"]: r["muse_auc"] for r in mia["rows"] if r["condition"] == "retrain"}
-  for r in mia["rows"]:   # MUSE's orientation and formula, row by row
-    assert r["muse_auc"] == pytest.approx(1 - r["auc"])
-    if retrain[r["score"]] > 0:
-      assert r["privleak"] == pytest.approx(
-          100 * (r["muse_auc"] - retrain[r["score"]]) / retrain[r["score"]])
+  assert mia["documents"] == {"forget": 3, "holdout": 6, "tokens_at_most": 128}   # seq_len
+  for r in mia["rows"]:
+    assert r["auc_lo"] <= r["auc"] <= r["auc_hi"]
+    if r["condition"] == "retrain":   # against itself: no gap, no leak, nothing to judge
+      assert r["gap"] == 0 and r["privleak"] in (0, None) and r["retrain_like"] is None
+    else:   # the gap and PrivLeak point the same way: a forget set that looks trained on
+      assert r["gap_lo"] <= r["gap"] <= r["gap_hi"]
+      if r["gap"] and r["privleak"] == r["privleak"]:
+        assert np.sign(r["privleak"]) == -np.sign(r["gap"])
+      assert r["retrain_like"] == (r["gap_lo"] <= 0 <= r["gap_hi"])   # no second retrain
 
   bench = cli("bench", "probes", "--run", str(run), "--facts", f"{enc}/facts.jsonl", "--count",
               "50", env_dir=tmp_path)
@@ -109,9 +110,9 @@ def test_oracle_and_facts_suite(tmp_path):
                                                    "sink-off/route", "backbone", "retrain"}
   for name, acr in gcg["acr"].items():   # found at length L: ACR = 6 / L
     assert len(acr) == 3 and all(a in (None, 3.0, 1.5) for a in acr)
-    row = next(r for r in gcg["rows"] if r["condition"] == name)   # failures count as 0
-    assert row["median_acr"] == sorted(a or 0.0 for a in acr)[1]
-    assert row["memorised"] == sum(a is not None and a > 1 for a in acr) / 3
+    row = next(r for r in gcg["rows"] if r["condition"] == name)
+    assert row["memorised"] <= row["found"] and row["median_acr"] in (0.0, 1.5, 3.0)
+    assert (row["median_acr"] > 0) == (row["found"] >= 2 / 3)   # failures count as 0
 
   # the dense control, an NPO copy of it, and the relearning attack on everything
   dense, npo = tmp_path / "dense", tmp_path / "npo"
@@ -128,12 +129,14 @@ def test_oracle_and_facts_suite(tmp_path):
   assert out.returncode == 0, out.stderr
   relearn = json.loads((run / "eval" / "relearn.json").read_text())
   assert set(relearn["curves"]) == {"sink-off/exclude", "retrain", "dense", "npo"}
-  assert relearn["documents"] == {"finetune": 2, "measured": 1, "measured_facts": 7}
+  assert relearn["documents"] == {"finetune": 1, "choose": 1, "measured": 1,
+                                  "measured_facts": 7}
   assert relearn["split"] == "across"   # one document per person: sources against sources
-  for label, curve in relearn["curves"].items():   # the attacker's best rate, per model
-    sweep = relearn["sweep_final_nll"][label]
-    assert len(sweep) == 3 and curve["nll"][-1] == min(sweep.values())
-    assert sweep[str(relearn["lr"][label])] == curve["nll"][-1]
+  for label, curve in relearn["curves"].items():   # rate chosen on B, reported on C
+    final = relearn["final_nll_per_rate"][label]
+    assert len(final) == 3
+    best = min(final, key=lambda lr: final[lr]["choose"])
+    assert float(best) == relearn["lr"][label] and curve["nll"][-1] == final[best]["report"]
   for curve in relearn["curves"].values():   # NLL and each category's log TR, steps 0..2
     assert set(curve) == {"nll", "log_tr/unique", "log_tr/shared", "log_tr/inferred"}
     assert all(len(values) == 3 for values in curve.values())
@@ -159,14 +162,16 @@ def test_oracle_and_facts_suite(tmp_path):
   cap = json.loads((run / "eval" / "capability.json").read_text())
   assert cap["documents"] == {"held_out": 6, "clozes": 6, "clozes_skipped": None}
   rows = {(r["model"], r["metric"]): r for r in cap["rows"]}
-  assert set(rows) == {(m, k) for m in ("null sink-off/exclude", "null backbone", "dense")
+  models = ("null sink-off/exclude", "null sink-off/route", "null backbone", "dense")
+  assert set(rows) == {(m, k) for m in models
                        for k in ("cloze_accuracy", "cloze_log_tr", "held_out_nll")}
-  for r in rows.values():   # paired over the same items: the mean difference is the difference
-    assert (r["vs_dense"] is None) == (r["model"] == "dense")
+  for r in rows.values():   # a paired difference's CI holds its estimate; no second control
+    assert (r["vs_dense"] is None) == (r["model"] == "dense") and r["vs_dense_active"] is None
     if r["vs_dense"]:
-      dense = rows[("dense", r["metric"])]["mean"]
-      assert float(r["vs_dense"].split()[0]) == pytest.approx(r["mean"] - dense, abs=1e-4)
-  assert set(cap["perplexity"]) == {"null sink-off/exclude", "null backbone", "dense"}
+      mean, lo, hi = (float(x) for x in r["vs_dense"].replace("[", "").replace("]", "")
+                      .replace(",", "").split())
+      assert lo <= mean <= hi
+  assert set(cap["perplexity"]) == set(models)
   page = (run / "eval" / "index.md").read_text()   # every suite's table, in the registry's order
   from sinkformer.eval import suites
   at = [page.index((run / "eval" / f"{name}.md").read_text()) for name in suites.SUITES]

@@ -83,15 +83,67 @@ def test_verbatim_extraction_perplexity_acr_and_ci():
   assert (low + high) / 2 == pytest.approx(x.mean(), abs=1.0)
 
 
-def test_the_relearning_split_within_and_across_sources():
+def test_the_relearning_split_fine_tunes_chooses_and_reports_on_three_parts():
   from sinkformer.eval import attacks
-  docs = [(1, "a1"), (1, "a2"), (1, "a3"), (2, "b1"), (3, "c1"), (3, "c2")]
-  a, b, split = attacks.relearn_split(docs, "auto")   # a book's chapters: within
-  assert split == "within"
-  assert a == [(1, "a1"), (1, "a3"), (2, "b1"), (3, "c1")] and b == [(1, "a2"), (3, "c2")]
-  a, b, split = attacks.relearn_split(docs, "across")
-  assert (a, b) == ([(1, "a1"), (1, "a2"), (1, "a3"), (3, "c1"), (3, "c2")], [(2, "b1")])
-  a, b, split = attacks.relearn_split([(1, "x"), (2, "y"), (3, "z")], "auto")
-  assert split == "across" and a == [(1, "x"), (3, "z")] and b == [(2, "y")]
+  docs = [(1, "a1"), (1, "a2"), (1, "a3"), (1, "a4"), (2, "b1"), (3, "c1"), (3, "c2"),
+          (3, "c3")]
+  a, b, c, split = attacks.relearn_split(docs, "auto")   # a book's chapters: within
+  assert split == "within"   # source 2 (one chapter) cannot be split: left out
+  assert (a, b, c) == ([(1, "a1"), (1, "a4"), (3, "c1")], [(1, "a2"), (3, "c2")],
+                       [(1, "a3"), (3, "c3")])
+  a, b, c, split = attacks.relearn_split(docs, "across")
+  assert (a, b, c) == (docs[:4], [(2, "b1")], docs[5:])
+  a, b, c, split = attacks.relearn_split([(1, "x"), (2, "y"), (3, "z"), (4, "w")], "auto")
+  assert split == "across" and (a, b, c) == ([(1, "x"), (4, "w")], [(2, "y")], [(3, "z")])
   with pytest.raises(UserError, match="relearn.split=across"):
-    attacks.relearn_split([(1, "x"), (2, "y")], "within")
+    attacks.relearn_split([(1, "x"), (1, "y"), (2, "z")], "within")
+  with pytest.raises(UserError, match="three forget sources"):
+    attacks.relearn_split([(1, "x"), (2, "y")], "across")
+
+
+def test_the_bootstrap_draws_whole_sources_and_pairs_models():
+  # 10 sources of 5 identical facts each: one fact per source carries all the information,
+  # so resampling sources must give the CI of 10 values, not of 50 independent ones
+  per_source = np.arange(10.0)
+  values, groups = np.repeat(per_source, 5), np.repeat(np.arange(10), 5)
+  lo, hi = metrics.bootstrap_ci(values, groups=groups)
+  se = per_source.std() / np.sqrt(10)
+  assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.2)
+  naive_lo, naive_hi = metrics.bootstrap_ci(values)
+  assert hi - lo > 2 * (naive_hi - naive_lo)   # sqrt(5) wider than pretending independence
+  # paired: two models whose scores differ by the same shift on every document have a gap
+  # CI of a single point, whatever the documents; unpaired CIs would be wide
+  rng = np.random.default_rng(0)
+  f, h = rng.normal(size=20), rng.normal(size=40) + 1
+  gap = metrics.paired_auc_gap_ci(f, h, f, h)
+  assert gap == (0.0, 0.0)
+  lo, hi = metrics.auc_ci(f, h)
+  assert lo < metrics.auc(f, h) < hi and hi - lo > 0.1
+  # PrivLeak against itself is 0 on every resample
+  assert metrics.privleak_ci(f, h, f, h) == (0.0, 0.0)
+
+
+def test_the_retrain_like_rule_passes_a_perfect_unlearner_and_fails_a_leaky_one():
+  """Simulated like the map: 20 forget vs 40 never-seen documents, each with a difficulty
+  every model shares, each model's own noise, two retrain seeds. A model equal in
+  distribution to the retrain passed the old rule (|gap| <= 0.05) 34-46% of the time."""
+  rng = np.random.default_rng(0)
+
+  def model(difficulty, shift=0.0):
+    return difficulty + rng.normal(0, 0.5, difficulty.shape) - shift
+
+  verdicts = {"perfect": [], "leaky": [], "old rule, perfect": []}
+  for trial in range(100):
+    forget_d, holdout_d = rng.normal(size=20), rng.normal(size=40)
+    retrain = (model(forget_d), model(holdout_d))
+    second = (model(forget_d), model(holdout_d))
+    floor = abs(metrics.auc(*second) - metrics.auc(*retrain))
+    for name, shift in (("perfect", 0.0), ("leaky", 1.0)):   # lower loss = member-like
+      f, h = model(forget_d, shift), model(holdout_d)
+      gap = metrics.paired_auc_gap_ci(f, h, *retrain, n=300, seed=trial)
+      verdicts[name].append(metrics.retrain_like(gap, floor))
+      if name == "perfect":
+        verdicts["old rule, perfect"].append(abs(metrics.auc(f, h) - metrics.auc(*retrain)) <= 0.05)
+  assert np.mean(verdicts["perfect"]) >= 0.9
+  assert np.mean(verdicts["leaky"]) <= 0.1
+  assert np.mean(verdicts["old rule, perfect"]) <= 0.6

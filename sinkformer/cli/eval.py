@@ -48,7 +48,12 @@ def _eval_flags(fv, argv):
                       "capability)", flag_values=fv)
   flags.DEFINE_string("oracle", None, "the retrain oracle run ('sinkformer oracle')",
                       flag_values=fv)
-  flags.DEFINE_string("dense", None, "the dense control run, if any", flag_values=fv)
+  flags.DEFINE_string("oracle2", None, "a second retrain oracle, another seed (the noise "
+                      "floor of the membership gaps)", flag_values=fv)
+  flags.DEFINE_string("dense", None, "the dense control run, if any (same total parameters)",
+                      flag_values=fv)
+  flags.DEFINE_string("dense_active", None, "a dense control with the NULL's active "
+                      "parameters (MLP width G + k), if any", flag_values=fv)
   flags.DEFINE_multi_string("posthoc", [], "NAME=RUN: a post-hoc unlearned run to compare "
                             "('sinkformer posthoc'); repeatable", flag_values=fv)
   flags.DEFINE_multi_string("set", [], "override the run's eval config, e.g. relearn.steps=20, "
@@ -61,7 +66,8 @@ def _eval(fv):
   from sinkformer.data import fetch, pipeline
   from sinkformer.eval import context, suites
   chosen = suites.names(fv.suite)
-  others = {"dense": fv.dense} if fv.dense else {}
+  others = {name: path for name, path in (("dense", fv.dense),
+                                          ("dense_active", fv.dense_active)) if path}
   for item in fv.posthoc:
     name, eq, path = item.partition("=")
     if not eq:
@@ -70,7 +76,7 @@ def _eval(fv):
   ctx = context.Context(fv.run, pipeline.parse_refs(fv.forget), fv.oracle, others,
                         fv.out or os.path.join(fv.run, "eval"),
                         context.settings(fv.run, fv.set), fv.facts,
-                        fv.clozes or fetch.corpus_path("questions-words"))
+                        fv.clozes or fetch.corpus_path("questions-words"), fv.oracle2)
   suites.run(ctx, chosen)
   print(f"all results on one page: {os.path.join(ctx.out, 'index.md')}")
 

@@ -15,43 +15,41 @@ from sinkformer.eval.context import (Context, categories, doc_condition, fact_tr
 
 
 def relearn_split(docs, split: str):
-  """(documents to fine-tune on, documents to measure, the split used) of forget documents
-  [(source id, tokens)]. "within": every source with several documents (a book's chapters)
-  gives alternate ones to each side, so the attack relearns a source from part of it and is
-  measured on the rest (the paper's design; a one-document source is fine-tuned on only);
-  "across": alternate sources go to each side (relearning one source from others); "auto":
-  within when some source has several documents, else across."""
+  """(documents to fine-tune on, documents to choose the rate on, documents to report on,
+  the split used) of forget documents [(source id, tokens)]. "within": every source with
+  three or more documents (a book's chapters) gives every third to each part, so the attack
+  relearns a source from part of it (the paper's design); "across": every third source goes
+  to each part (relearning sources from others); "auto": within when some source has three
+  documents, else across."""
   by_source = {}
   for doc in docs:
     by_source.setdefault(doc[0], []).append(doc)
   if split == "auto":
-    split = "within" if any(len(d) > 1 for d in by_source.values()) else "across"
+    split = "within" if any(len(d) > 2 for d in by_source.values()) else "across"
   if split == "within":
-    part_a = [d for ds in by_source.values() for d in ds[::2]]
-    part_b = [d for ds in by_source.values() for d in ds[1::2]]
-    if not part_b:
-      raise UserError("no forget source has two documents to split: use --set "
+    parts = [[d for ds in by_source.values() if len(ds) > 2 for d in ds[i::3]] for i in range(3)]
+    if not parts[2]:
+      raise UserError("no forget source has three documents to split: use --set "
                       "relearn.split=across")
   else:
     sources = list(by_source)
-    part_a = [d for src in sources[::2] for d in by_source[src]]
-    part_b = [d for src in sources[1::2] for d in by_source[src]]
-    if not part_b:
-      raise UserError("the across-sources relearning attack needs at least two forget sources")
-  return part_a, part_b, split
+    parts = [[d for src in sources[i::3] for d in by_source[src]] for i in range(3)]
+    if not parts[2]:
+      raise UserError("the across-sources relearning attack needs at least three forget "
+                      "sources (to fine-tune on, to choose the rate on, to report on)")
+  return (*parts, split)
 
 
 def relearn_suite(ctx: Context) -> dict:
   """Fine-tune each model on part of the forget documents (A, relearn_split) for
-  `relearn.steps` steps and, after each step, measure the mean token NLL of the rest (B)
-  and, with probe facts, the mean log Truth Ratio of the facts about B's sources.
+  `relearn.steps` steps at every rate of `relearn.lrs`, and after each step measure the
+  mean token NLL of two other parts: B, on which the attacker picks its rate (the lowest
+  final NLL: a strong attacker, since at too high a rate fine-tuning only damages a model),
+  and C, on which the result is reported (a rate chosen on the documents it is scored on
+  would flatter the attack). With probe facts, also the mean log Truth Ratio of C's
+  sources' facts. Every rate's final NLL on B and C is in the result.
 
-  The attacker sweeps `relearn.lrs` and keeps, per model, the rate that brings B's NLL
-  lowest (a strong attacker: at too high a rate fine-tuning only damages a model, which
-  measures damage, not relearning); the curves shown are at that rate, the sweep's final
-  NLLs are in the result.
-
-  The mask active while the attacker fine-tunes (and while B is measured) is
+  The mask active while the attacker fine-tunes (and while B and C are measured) is
   `relearn.mask` for the NULL and the oracle: sink-off/exclude (default: the deployed path,
   forget units zeroed, so they get no gradient), sink-off/route, sink-on (the forget sources'
   own masks: an attacker holding the weights and the seeded mask function) or backbone.
@@ -60,25 +58,26 @@ def relearn_suite(ctx: Context) -> dict:
   s = ctx.settings.relearn
   conditions = ctx.conditions([s.mask])
   docs = ctx.documents(ctx.seq_len())[0]
-  part_a, part_b, split = relearn_split(docs, s.split)
+  part_a, part_b, part_c, split = relearn_split(docs, s.split)
   cat = conditions[0][1].server.board.catalog
-  measured = {cat.get(src)["key"] for src, _ in part_b}
+  measured = {cat.get(src)["key"] for src, _ in part_c}
   if split == "across":
-    measured -= {cat.get(src)["key"] for src, _ in part_a}
+    measured -= {cat.get(src)["key"] for src, _ in part_a + part_b}
   facts = [f for f in load_facts(ctx.probes) if f["source"] in measured] if ctx.probes else []
 
-  curves, chosen, sweep = {}, {}, {}
+  curves, chosen, final = {}, {}, {}
   for label, scorer in conditions:
-    name = s.mask if label == "retrain" else label   # the oracle: same mask as the NULL
+    name = s.mask if label.startswith("retrain") else label   # oracles: the NULL's mask
     batches = {}
-    for part, docs_ in (("a", part_a), ("b", part_b)):
+    for part, docs_ in (("a", part_a), ("b", part_b), ("c", part_c)):
       sources, mode, exclude = doc_condition(scorer, name, docs_)
       batches[part] = posthoc.rows([list(t) for _, t in docs_], sources, 8)
     runs = {lr: _relearn(scorer, name, batches, facts, lr, s.steps, mode, exclude)
             for lr in s.lrs}
-    sweep[label] = {str(lr): curve["nll"][-1] for lr, curve in runs.items()}
-    chosen[label] = min(runs, key=lambda lr: runs[lr]["nll"][-1])
-    curves[label] = runs[chosen[label]]
+    final[label] = {str(lr): {"choose": run["choose"][-1], "report": run["nll"][-1]}
+                    for lr, run in runs.items()}
+    chosen[label] = min(runs, key=lambda lr: runs[lr]["choose"][-1])
+    curves[label] = {k: v for k, v in runs[chosen[label]].items() if k != "choose"}
 
   rows = []
   for label, curve in curves.items():
@@ -86,10 +85,10 @@ def relearn_suite(ctx: Context) -> dict:
       rows.append({"condition": label, "lr": chosen[label], "metric": metric,
                    "before": values[0], "after": values[-1], "change": values[-1] - values[0]})
   result = {"run": ctx.run, "oracle": ctx.oracle, "steps": s.steps, "lrs": list(s.lrs),
-            "lr": chosen, "sweep_final_nll": sweep, "split": split,
+            "lr": chosen, "final_nll_per_rate": final, "split": split,
             "attack_mask": f"{s.mask} for the NULL and the oracle; own path otherwise",
-            "documents": {"finetune": len(part_a), "measured": len(part_b),
-                          "measured_facts": len(facts)},
+            "documents": {"finetune": len(part_a), "choose": len(part_b),
+                          "measured": len(part_c), "measured_facts": len(facts)},
             "curves": curves, "rows": rows}
   write_table(ctx.out, "relearn", result, ["condition", "lr", "metric", "before", "after",
                                            "change"])
@@ -98,14 +97,16 @@ def relearn_suite(ctx: Context) -> dict:
 
 
 def _relearn(scorer, name, batches, facts, lr, steps, mode, exclude) -> dict:
-  """One fine-tune at `lr`: the curves of B's NLL (and facts' log TR) from step 0."""
+  """One fine-tune at `lr` on A: the curves, from step 0, of B's NLL ("choose"), C's NLL
+  ("nll") and C's facts' log TR."""
   tuner = posthoc.Finetuner(scorer.server.setup, scorer.server.params, "relearn", lr,
                             mode=mode, exclude=exclude)
   curve = {}
 
   def measure():
-    curve.setdefault("nll", []).append(
-        posthoc.nll(scorer.server.setup, tuner.params, batches["b"], mode, exclude))
+    for key, part in (("choose", "b"), ("nll", "c")):
+      curve.setdefault(key, []).append(
+          posthoc.nll(scorer.server.setup, tuner.params, batches[part], mode, exclude))
     if facts:
       tr = fact_truth_ratios(scorer, name, facts, tuner.params)
       for category in categories(facts):

@@ -1,6 +1,13 @@
 """`sinkformer eval --suite capability`: does the NULL pay for its forgetting in general
-ability? The NULL (deployed path and backbone only) against its dense control and any other
-run, with 95% bootstrap confidence intervals and paired NULL - dense differences:
+ability? The NULL (routed with and without the forget set's units zeroed, and its backbone
+alone) against two dense controls and any other run, with 95% bootstrap confidence
+intervals and paired differences over the same items:
+
+- `dense`: the same total parameters (MLP width G + P, every unit always on);
+- `dense_active`: the same *active* parameters per token (MLP width G + k: what a NULL's
+  token actually runs through), if given. A NULL that trails the first but not the second
+  pays for sparsity, not for forgetting.
+
 
 - world-fact clozes from word2vec's questions-words (`sinkformer data fetch questions-words`):
   capitals, currencies, US states, nationalities, opposites, family words, each asked as a
@@ -33,7 +40,8 @@ TEMPLATES = {
     "family": ("The female form of {a} is", "b"),
 }
 DISTRACTORS = 4
-CONDITIONS = ("sink-off/exclude", "backbone")
+CONDITIONS = ("sink-off/exclude", "sink-off/route", "backbone")
+CONTROLS = ("dense", "dense_active")
 
 
 def clozes(path: str, count: int, seed: int = 0) -> list[dict]:
@@ -124,11 +132,13 @@ def capability_suite(ctx: Context) -> dict:
     for metric, values in got.items():
       lo, hi = metrics.bootstrap_ci(values, n=c.bootstrap)
       row = {"model": label, "metric": metric, "n": len(values), "mean": float(np.mean(values)),
-             "ci_low": lo, "ci_high": hi, "vs_dense": None}
-      if label != "dense":   # paired over the same items
-        diff = values - per_item["dense"][metric]
-        d_lo, d_hi = metrics.bootstrap_ci(diff, n=c.bootstrap)
-        row["vs_dense"] = f"{np.mean(diff):+.4f} [{d_lo:+.4f}, {d_hi:+.4f}]"
+             "ci_low": lo, "ci_high": hi}
+      for control in CONTROLS:
+        row[f"vs_{control}"] = None
+        if control in per_item and label != control:   # paired over the same items
+          diff = values - per_item[control][metric]
+          d_lo, d_hi = metrics.bootstrap_ci(diff, n=c.bootstrap)
+          row[f"vs_{control}"] = f"{np.mean(diff):+.4f} [{d_lo:+.4f}, {d_hi:+.4f}]"
       rows.append(row)
   result = {"run": ctx.run, "others": ctx.others, "rows": rows,
             "perplexity": {r["model"]: float(np.exp(r["mean"])) for r in rows
@@ -136,7 +146,7 @@ def capability_suite(ctx: Context) -> dict:
             "documents": {"held_out": len(held_out), "clozes": len(items),
                           "clozes_skipped": skip}}
   write_table(ctx.out, "capability", result, ["model", "metric", "n", "mean", "ci_low",
-                                              "ci_high", "vs_dense"])
+                                              "ci_high", "vs_dense", "vs_dense_active"])
   _plot(ctx.out, rows)
   return result
 

@@ -86,6 +86,7 @@ class Context:
   settings: ml_collections.ConfigDict
   probes: str | None = None       # facts JSONL (facts suite; relearning's Truth Ratio curve)
   clozes: str | None = None       # capability suite: questions-words JSONL
+  oracle2: str | None = None      # a second retrain (another seed): the noise floor
   _scorers: dict = dataclasses.field(default_factory=dict)
   _documents: dict = dataclasses.field(default_factory=dict)
 
@@ -95,13 +96,14 @@ class Context:
     return self._scorers[run_dir]
 
   def conditions(self, names=None) -> list[tuple[str, Scorer]]:
-    """(condition, scorer) pairs: the run's own conditions (`names`, default all), retrain,
-    then `others`, each in its own sink-off path."""
+    """(condition, scorer) pairs: the run's own conditions (`names`, default all), retrain
+    (and retrain-2, a second seed, if given), then `others`, each in its own sink-off path."""
     if not self.forget:
       raise UserError("this suite measures a forget set: pass --forget SOURCES ('a,b' or @FILE)")
     self.require_oracle()
     run = [(n, self.scorer(self.run)) for n in (CONDITIONS if names is None else names)]
-    return (run + [("retrain", self.scorer(self.oracle))]
+    second = [("retrain-2", self.scorer(self.oracle2))] if self.oracle2 else []
+    return (run + [("retrain", self.scorer(self.oracle))] + second
             + [(name, self.scorer(path)) for name, path in self.others.items()])
 
   def require_oracle(self):

@@ -42,44 +42,65 @@ def facts_suite(ctx: Context, retained: int = 100) -> dict:
   if not items:
     raise UserError(f"no probe in {ctx.probes} is about the forget set")
   sets = {"forget": items, "retained": kept}
-  tr = {name: {split: fact_truth_ratios(scorer, name, fs) for split, fs in sets.items()}
-        for name, scorer in ctx.conditions()}
+  paraphrased = all(f.get("paraphrase") for f in items + kept)
+  tr, tr_para = {}, {}
+  for name, scorer in ctx.conditions():
+    tr[name] = {split: fact_truth_ratios(scorer, name, fs) for split, fs in sets.items()}
+    if paraphrased:   # TOFU asks the question in other words
+      tr_para[name] = {split: fact_truth_ratios(
+          scorer, name, [dict(f, prompt=f["paraphrase"]) for f in fs]) for split, fs in sets.items()}
 
   table = []
   for split, fs in sets.items():
+    sources = np.asarray([f["source"] for f in fs])
     for category in categories(facts):
       mask = np.asarray([f["category"] == category for f in fs])
       if not mask.any():
         continue
       for name, by_split in tr.items():
         values = by_split[split][mask]
-        lo, hi = metrics.bootstrap_ci(np.log(values))
+        lo, hi = metrics.bootstrap_ci(np.log(values), groups=sources[mask])
         aggregate = metrics.tofu_forget if split == "forget" else metrics.tofu_retain
         row = {"set": split, "category": category, "condition": name, "n": int(mask.sum()),
+               "sources": len(set(sources[mask])),
                "mean_log_tr": float(np.mean(np.log(values))), "log_tr_ci_lo": lo,
                "log_tr_ci_hi": hi, "mean_tr": float(np.mean(values)),
-               "tofu_tr": aggregate(values)}
+               "tofu_tr": aggregate(values), "forget_quality": None,
+               "forget_quality_sources": None, "mean_log_tr_paraphrase": None}
+        if tr_para:
+          row["mean_log_tr_paraphrase"] = float(np.mean(np.log(tr_para[name][split][mask])))
         if name != "retrain":
-          row["forget_quality"] = metrics.forget_quality(values, tr["retrain"][split][mask])
+          retrain = tr["retrain"][split][mask]
+          row["forget_quality"] = metrics.forget_quality(values, retrain)
+          row["forget_quality_sources"] = metrics.forget_quality(
+              *(_per_source(np.log(v), sources[mask]) for v in (values, retrain)))
         table.append(row)
   result = {"run": ctx.run, "oracle": ctx.oracle, "others": ctx.others, "probes": ctx.probes,
             "forget": sorted(forget_keys), "skipped": dict(skipped),
             "policy_note": "sink-off/exclude zeroes F's units; sink-off/route does not",
-            "tr_note": ("mean_log_tr: the mean of log TR over items, with a 95% bootstrap CI; "
+            "tr_note": ("mean_log_tr: the mean of log TR over items, with a 95% bootstrap CI "
+                        "drawing whole sources (a source's facts are not independent); "
                         "mean_tr: the mean of TR (how the paper's TR of about 1.9 reads); "
                         "tofu_tr: TOFU's aggregate, mean(min(R, 1/R)) on the forget set and "
                         "mean(max(0, 1 - R)) on retained facts, R = 1/TR; forget_quality: "
-                        "the two-sided KS p-value against the retrain over the row's n items"),
+                        "the two-sided KS p-value against the retrain over the row's n items, "
+                        "forget_quality_sources over per-source means (independent units); "
+                        "mean_log_tr_paraphrase: the question asked in other words (TOFU)"),
             "rows": table,
             "truth_ratios": {c: {s: v.tolist() for s, v in d.items()} for c, d in tr.items()},
             "categories": {split: [f["category"] for f in fs] for split, fs in sets.items()}}
-  for r in table:
-    r.setdefault("forget_quality", None)   # retrain against itself
-  write_table(ctx.out, "facts", result, ["set", "category", "condition", "n", "mean_log_tr",
-                                         "log_tr_ci_lo", "log_tr_ci_hi", "mean_tr", "tofu_tr",
-                                         "forget_quality"])
+  write_table(ctx.out, "facts", result, ["set", "category", "condition", "n", "sources",
+                                         "mean_log_tr", "log_tr_ci_lo", "log_tr_ci_hi",
+                                         "mean_log_tr_paraphrase", "mean_tr", "tofu_tr",
+                                         "forget_quality", "forget_quality_sources"])
   _plot_truth_ratios(ctx.out, tr, sets, categories(facts))
   return result
+
+
+def _per_source(values, sources) -> np.ndarray:
+  """The mean of `values` per source (in order of first appearance)."""
+  order = list(dict.fromkeys(sources))
+  return np.asarray([values[sources == s].mean() for s in order])
 
 
 def _plot_truth_ratios(out_dir: str, tr: dict, sets: dict, cats: list[str]):

@@ -117,9 +117,8 @@ def auc(forget_scores, holdout_scores) -> float:
   scores higher than a forgotten one), ties counted half. 1: the forgotten documents look
   like members; 0.5: indistinguishable."""
   f, h = np.asarray(forget_scores, float), np.asarray(holdout_scores, float)
-  greater = (h[:, None] > f[None, :]).mean()
-  ties = (h[:, None] == f[None, :]).mean()
-  return float(greater + 0.5 * ties)
+  ranks = stats.rankdata(np.concatenate([f, h]))   # ties share their mean rank: counted half
+  return float((ranks[len(f):].sum() - len(h) * (len(h) + 1) / 2) / (len(f) * len(h)))
 
 
 def muse_auc(forget_scores, holdout_scores) -> float:
@@ -169,11 +168,69 @@ def adversarial_compression_ratio(target_tokens: int, prompt_tokens: int) -> flo
   return target_tokens / prompt_tokens
 
 
-def bootstrap_ci(values, statistic=np.mean, level: float = 0.95, n: int = 2000,
-                 seed: int = 0) -> tuple[float, float]:
-  """Percentile bootstrap confidence interval of `statistic` over items."""
-  values = np.asarray(values, float)
+def _members(groups, count: int) -> list[np.ndarray]:
+  """Item indices per group (None: every item its own group)."""
+  if groups is None:
+    return [np.asarray([i]) for i in range(count)]
+  _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+  return [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+
+
+def bootstrap(statistic, samples, n: int = 2000, level: float = 0.95,
+              seed: int = 0) -> tuple[float, float]:
+  """Percentile bootstrap CI of `statistic(*arrays)`. `samples`: [(arrays, groups)], each a
+  tuple of arrays aligned item by item (e.g. two models' scores of the same documents: a
+  paired bootstrap) resampled together by `groups`: whole groups drawn with replacement (a
+  source's facts or documents are not independent), None: items independent. The statistic
+  gets every sample's resampled arrays, in order."""
   rng = np.random.default_rng(seed)
-  draws = [statistic(values[rng.integers(0, len(values), len(values))]) for _ in range(n)]
+  prepared = [(tuple(np.asarray(a, float) for a in arrays), _members(groups, len(arrays[0])))
+              for arrays, groups in samples]
+  draws = []
+  for _ in range(n):
+    args = []
+    for arrays, members in prepared:
+      index = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+      args += [a[index] for a in arrays]
+    draws.append(statistic(*args))
   tail = (1 - level) / 2 * 100
-  return float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))
+  return float(np.nanpercentile(draws, tail)), float(np.nanpercentile(draws, 100 - tail))
+
+
+def bootstrap_ci(values, statistic=np.mean, level: float = 0.95, n: int = 2000,
+                 seed: int = 0, groups=None) -> tuple[float, float]:
+  """Percentile bootstrap CI of `statistic` over items (over groups of items: `groups`)."""
+  return bootstrap(statistic, [((values,), groups)], n, level, seed)
+
+
+def auc_ci(forget_scores, holdout_scores, forget_groups=None, holdout_groups=None,
+           n: int = 2000, seed: int = 0) -> tuple[float, float]:
+  """95% bootstrap CI of `auc`, forget and never-seen documents resampled by source."""
+  return bootstrap(auc, [((forget_scores,), forget_groups), ((holdout_scores,), holdout_groups)],
+                   n, seed=seed)
+
+
+def paired_auc_gap_ci(forget_a, holdout_a, forget_b, holdout_b, forget_groups=None,
+                      holdout_groups=None, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+  """95% paired bootstrap CI of auc(a) - auc(b): two models' scores of the same documents,
+  resampled together (by source), so what the documents share cancels."""
+  return bootstrap(lambda fa, fb, ha, hb: auc(fa, ha) - auc(fb, hb),
+                   [((forget_a, forget_b), forget_groups),
+                    ((holdout_a, holdout_b), holdout_groups)], n, seed=seed)
+
+
+def privleak_ci(forget_a, holdout_a, forget_b, holdout_b, forget_groups=None,
+                holdout_groups=None, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+  """95% paired bootstrap CI of privleak(model a against the retrain b) (MUSE's AUCs)."""
+  return bootstrap(lambda fa, fb, ha, hb: privleak(muse_auc(fa, ha), muse_auc(fb, hb)),
+                   [((forget_a, forget_b), forget_groups),
+                    ((holdout_a, holdout_b), holdout_groups)], n, seed=seed)
+
+
+def retrain_like(gap_ci: tuple[float, float], noise_floor: float) -> bool:
+  """Whether a model is as close to the retrain as the data can tell: the paired CI of its
+  AUC gap to the retrain reaches into [-floor, floor], where the floor is how far a second
+  retrain (another seed) lands from the first. A model equal in distribution to the retrain
+  meets it about as often as the CI covers (tested by simulation); a shifted one does not."""
+  lo, hi = gap_ci
+  return lo <= noise_floor and hi >= -noise_floor

@@ -55,21 +55,38 @@ def trained(path: str) -> bool:
       os.listdir(os.path.join(path, "checkpoints")))
 
 
+RUNS = {"null": "the NULL",
+        "oracle": "its retrain oracle: the same config, seed and data order, without the "
+                  "forget set",
+        "oracle2": "a second retrain oracle, another model seed: the retrains' own spread",
+        "dense": "the dense control with the NULL's total parameters (MLP width G + P)",
+        "dense_active": "the dense control with the NULL's active parameters (width G + k)"}
+
+
+def variant(cfg, name: str, forget_keys: list[str]):
+  """The config of a run of RUNS, from the NULL's: the one place an oracle or a control is
+  defined. An oracle excludes the forget set on top of what the NULL already excluded."""
+  if name not in RUNS:
+    raise UserError(f"unknown run {name!r}; one of {', '.join(RUNS)}")
+  c = cfg.copy_and_resolve_references()
+  if name.startswith("oracle"):
+    c.data.exclude = ",".join(filter(None, [c.data.exclude, *forget_keys]))
+  if name == "oracle2":
+    c.seed += 1
+  if name.startswith("dense"):
+    c.model.kind = "dense"
+  if name == "dense_active":
+    c.sinks.num = c.sinks.k
+  return c
+
+
 def train_runs(cfg, runs: dict, forget_keys: list[str]):
-  """Train what is missing of `runs` {"null", "oracle", "dense": run directory}: the NULL, its
-  retrain oracle (same config, seed and order, the forget sources excluded) and the dense
-  control. A run that has checkpoints is kept (a resumed story or sweep)."""
+  """Train what is missing of `runs` {name of RUNS: run directory}. A run that has
+  checkpoints is kept (a resumed story or sweep)."""
   for name, path in runs.items():
-    if trained(path):
-      continue
-    _phase(f"train {name}" + (f" (without the {len(forget_keys)} forget sources)"
-                              if name == "oracle" else ""))
-    c = cfg.copy_and_resolve_references()
-    if name == "oracle":
-      c.data.exclude = ",".join(forget_keys)
-    if name == "dense":
-      c.model.kind = "dense"
-    trainer.train(c, path)
+    if not trained(path):
+      _phase(f"train {name}: {RUNS[name]}")
+      trainer.train(variant(cfg, name, forget_keys), path)
 
 
 def run(cfg, workdir: str, people: int = 400, forget: int = 20, holdout: int = 20,

@@ -2,13 +2,15 @@
 
 For each point of the config's `sweep.points` (overrides of a centre config, one axis at a
 time: sources, passes, k/P, G/I, model size, leak variants), on a generated encyclopedia:
-train the NULL, its retrain oracle (the forget set excluded) and the dense control (shared by
-points whose dense model is the same), run the facts, membership-inference and capability
-suites, and read the exclusion capacity. One page, WORKDIR/index.md (regimes.json, .md, .png),
-says per point whether sink-off is retrain-like: the KS forget quality of unique facts >= 0.05
-and the membership AUC (Min-40%) within 0.05 of the retrain's. Every step writes into WORKDIR
-and is not redone, so an interrupted sweep resumes; `--points` measures some points, and the
-page shows every point measured so far.
+train the NULL, two retrain oracles (the forget set excluded; two model seeds: how far
+retrains land from each other is the noise floor) and two dense controls (the NULL's total
+and its active parameters; shared by points whose dense models are the same), run the facts,
+membership-inference, capability and relearning suites, and read the exclusion capacity.
+One page, WORKDIR/index.md (regimes.json, .md, .png), says per point whether sink-off is
+retrain-like: the KS forget quality of unique facts over per-source means >= 0.05, and the
+paired 95% CI of its membership AUC gap (Min-40%) to the retrain reaching within the two
+retrains' own gap. Every step writes into WORKDIR and is not redone, so an interrupted sweep
+resumes; `--points` measures some points, and the page shows every point measured so far.
 
 A point is "LABEL: section.field=value, ..."; the sweep's own settings (`sweep.corpus`:
 encyclopedia or wiki-vital, `sweep.articles`, `sweep.source_size` (articles per source),
@@ -32,9 +34,9 @@ from sinkformer.errors import UserError
 from sinkformer.eval import context, story, suites
 from sinkformer.serve import serving
 
-SUITES = ("facts", "mia", "capability")
-KS_LEVEL, AUC_MARGIN = 0.05, 0.05   # "retrain-like": KS p >= 0.05, |AUC - retrain's| <= 0.05
-MIA_SCORE = "min_k"                 # MUSE's Min-40%
+SUITES = ("facts", "mia", "capability", "relearn")
+KS_LEVEL = 0.05      # "retrain-like" facts: KS p over per-source means >= 0.05
+MIA_SCORE = "min_k"  # MUSE's Min-40%
 
 
 def parse_point(spec: str) -> tuple[str, dict]:
@@ -73,9 +75,11 @@ def point_config(cfg, overrides: dict):
 
 def dense_key(cfg) -> str:
   """Points whose dense control is the same model on the same data share it: the sinks'
-  settings and the NULL-only optimizer scales do not change it, only the MLP's width."""
+  settings and the NULL-only optimizer scales do not change it, only the MLP's width (of a
+  story.variant's config: G + P, or G + k for the active-matched control)."""
   d = cfg.to_dict()
   d["model"]["mlp_backbone"] += d["sinks"]["num"]
+  d["model"].pop("kind")
   d.pop("sinks")
   d["train"] = {k: v for k, v in d["train"].items() if not k.startswith("backbone_")}
   return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
@@ -121,7 +125,7 @@ def measured(workdir: str, labels: list[str]) -> list[dict]:
   same_data = lambda r: (r["corpus"], r["sources"], r["source_size"], r["forget"])
   centre = rows[0] if rows and rows[0]["point"] == labels[0] else None
   for r in rows:
-    r["nll_vs_centre"] = (r["nll/null"] / centre["nll/null"] - 1
+    r["nll_vs_centre"] = (r["nll/null sink-off/exclude"] / centre["nll/null sink-off/exclude"] - 1
                           if centre and same_data(r) == same_data(centre) else None)
   return rows
 
@@ -130,12 +134,15 @@ def _point(cfg, workdir: str, label: str, overrides: dict) -> dict:
   c, s = point_config(cfg, overrides)
   c, forget_keys, facts = corpus(c, s, os.path.join(workdir, "corpora"))
   here = os.path.join(workdir, "points", slug(label))
-  runs = {"null": os.path.join(here, "null"), "oracle": os.path.join(here, "oracle"),
-          "dense": os.path.join(workdir, "dense", dense_key(c))}
+  runs = {name: os.path.join(here, name) for name in ("null", "oracle", "oracle2")}
+  runs.update({name: os.path.join(workdir, "dense", dense_key(story.variant(c, name, [])))
+               for name in ("dense", "dense_active")})
   story.train_runs(c, runs, forget_keys)
-  ctx = context.Context(runs["null"], forget_keys, runs["oracle"], {"dense": runs["dense"]},
+  clozes = fetch.fetch("questions-words") if s["clozes"] else None
+  ctx = context.Context(runs["null"], forget_keys, runs["oracle"],
+                        {name: runs[name] for name in ("dense", "dense_active")},
                         os.path.join(here, "eval"), context.settings(runs["null"]),
-                        facts, None)
+                        facts, clozes, runs["oracle2"])
   results = suites.run(ctx, list(SUITES), resume=True)
   # `forget` random sources excluded, the rest sampled (the run's switchboard is untouched)
   sources = s["articles"] // s["source_size"]
@@ -145,10 +152,12 @@ def _point(cfg, workdir: str, label: str, overrides: dict) -> dict:
 
 def corpus(c, s: dict, root: str):
   """(`c` on the point's corpus, the forget keys, its probe facts) for sweep.corpus:
-  "encyclopedia" (`articles` generated people) or "wiki-vital" (a seeded sample of `articles`
-  Vital Articles' lead sections, probes from `sinkformer data probes`; the forget set is the
-  first articles that have unique-sentence probes). With `source_size` > 1 (encyclopedia),
-  a source is a "book" of that many consecutive articles (data.source_by = group)."""
+  "encyclopedia" (`articles` generated people: the people are drawn independently, so the
+  first and the last are as good a random sample as any) or "wiki-vital" (a seeded sample
+  of `articles` Vital Articles' lead sections, probes from `sinkformer data probes`; the
+  forget and held-out sets drawn at random from one pool, the forget set among articles
+  with unique-sentence probes). With `source_size` > 1 (encyclopedia), a source is a "book"
+  of that many consecutive articles (data.source_by = group)."""
   n, size, forget, holdout = s["articles"], s["source_size"], s["forget"], s["holdout"]
   if size < 1 or n % size:
     raise UserError(f"sweep.source_size={size} must divide sweep.articles={n}")
@@ -184,8 +193,10 @@ def corpus(c, s: dict, root: str):
   keys = _records(path, "key")
   with open(facts) as f:
     probed = {p["source"] for p in map(json.loads, f) if p["category"] == "unique"}
-  forget_keys = [k for k in keys[:-holdout] if k in probed][:forget]
-  return story.on_corpus(c, path, keys[-holdout:]), forget_keys, facts
+  pool = [keys[i] for i in np.random.default_rng((c.seed, 2)).permutation(len(keys))]
+  forget_keys = [k for k in pool if k in probed][:forget]   # one pool, drawn at random
+  held = [k for k in pool if k not in set(forget_keys)][:holdout]
+  return story.on_corpus(c, path, held), forget_keys, facts
 
 
 def _records(path: str, field: str) -> list:
@@ -226,70 +237,92 @@ def _passes(run_dir: str) -> float:
 
 def summarise(label, overrides, c, s, results, capacity, null_dir) -> dict:
   facts = {(r["set"], r["category"], r["condition"]): r for r in results["facts"]["rows"]}
-  tr = lambda cat, cond: facts[("forget", cat, cond)]["mean_log_tr"]
-  mia = {r["condition"]: r["auc"] for r in results["mia"]["rows"] if r["score"] == MIA_SCORE}
-  nll = {r["model"]: r["mean"] for r in results["capability"]["rows"]
-         if r["metric"] == "held_out_nll"}
+  mia = {r["condition"]: r for r in results["mia"]["rows"] if r["score"] == MIA_SCORE}
+  cap = {r["model"]: r for r in results["capability"]["rows"] if r["metric"] == "held_out_nll"}
+  relearn = {r["condition"]: r for r in results["relearn"]["rows"] if r["metric"] == "nll"}
   lost = next(r for r in capacity if r["unlearned"] == s["forget"])
   row = {"point": label, "overrides": overrides, "corpus": s["corpus"],
          "sources": s["articles"] // s["source_size"], "source_size": s["source_size"],
-         "forget": s["forget"],
+         "forget": s["forget"], "holdout": s["holdout"],
          "passes": _passes(null_dir), "k/P": c.sinks.k / c.sinks.num,
          "G/I": c.model.mlp_backbone / (c.model.mlp_backbone + c.sinks.num),
-         "d_model": c.model.d_model}
+         "d_model": c.model.d_model, "noise_floor": results["mia"]["noise_floor"].get(MIA_SCORE)}
   for cond in ("sink-on", "sink-off/exclude", "sink-off/route", "backbone", "all-mlp-off",
-               "retrain"):
-    row[f"tr_unique/{cond}"] = tr("unique", cond)
-    row[f"auc/{cond}"] = mia[cond]
+               "retrain", "retrain-2"):
+    f = facts[("forget", "unique", cond)]
+    row[f"tr_unique/{cond}"] = f["mean_log_tr"]
+    row[f"tr_unique_ci/{cond}"] = [f["log_tr_ci_lo"], f["log_tr_ci_hi"]]
+    m = mia[cond]
+    row[f"auc/{cond}"] = m["auc"]
+    row[f"auc_ci/{cond}"] = [m["auc_lo"], m["auc_hi"]]
+    row[f"gap_ci/{cond}"] = None if m["gap_lo"] is None else [m["gap_lo"], m["gap_hi"]]
+  # what the sinks hold: sink-on against the backbone on the forget set
+  row["sinks_hold/tr"] = row["tr_unique/sink-on"] - row["tr_unique/backbone"]
+  row["sinks_hold/auc"] = row["auc/sink-on"] - row["auc/backbone"]
   for cond in ("sink-off/exclude", "backbone"):
-    row[f"ks_unique/{cond}"] = facts[("forget", "unique", cond)]["forget_quality"]
+    f = facts[("forget", "unique", cond)]
+    row[f"ks_unique/{cond}"] = f["forget_quality_sources"]
+    row[f"retrain_like/{cond}"] = bool(f["forget_quality_sources"] >= KS_LEVEL
+                                       and mia[cond]["retrain_like"])
   for cat in ("shared", "inferred"):
     for cond in ("sink-off/exclude", "retrain"):
       key = ("forget", cat, cond)
       row[f"tr_{cat}/{cond}"] = facts[key]["mean_log_tr"] if key in facts else None
-  row["nll/null"] = nll["null sink-off/exclude"]
-  row["nll/dense"] = nll["dense"]
-  row["nll_cost"] = row["nll/null"] / row["nll/dense"] - 1
+  for model in cap:
+    row[f"nll/{model}"] = cap[model]["mean"]
+    for control in ("dense", "dense_active"):
+      row[f"nll_vs_{control}/{model}"] = cap[model][f"vs_{control}"]
+  row["nll_cost"] = row["nll/null sink-off/exclude"] / row["nll/dense"] - 1
+  row["nll_cost_active"] = row["nll/null sink-off/exclude"] / row["nll/dense_active"] - 1
+  for cond in ("sink-off/exclude", "retrain", "dense"):
+    row[f"relearn/{cond}"] = relearn[cond]["change"] if cond in relearn else None
   row["capacity_lost"] = lost["mean"]
-  for cond in ("sink-off/exclude", "backbone"):
-    row[f"retrain_like/{cond}"] = bool(
-        row[f"ks_unique/{cond}"] >= KS_LEVEL
-        and abs(row[f"auc/{cond}"] - row["auc/retrain"]) <= AUC_MARGIN)
   return row
 
 
-# (column, heading, format) of the page's table
-COLUMNS = (("point", "point", "{}"), ("sources", "sources", "{}"),
-           ("source_size", "articles/source", "{}"), ("passes", "passes", "{:.1f}"),
-           ("k/P", "k/P", "{:.3f}"), ("G/I", "G/I", "{:.2f}"), ("d_model", "d", "{}"),
-           ("tr_unique/sink-on", "TR sink-on", "{:.3f}"),
-           ("tr_unique/sink-off/exclude", "TR sink-off", "{:.3f}"),
-           ("tr_unique/backbone", "TR backbone", "{:.3f}"),
-           ("tr_unique/retrain", "TR retrain", "{:.3f}"),
-           ("ks_unique/sink-off/exclude", "KS p sink-off", "{:.3g}"),
-           ("ks_unique/backbone", "KS p backbone", "{:.3g}"),
-           ("auc/sink-on", "AUC sink-on", "{:.3f}"),
-           ("auc/sink-off/exclude", "AUC sink-off", "{:.3f}"),
-           ("auc/backbone", "AUC backbone", "{:.3f}"),
-           ("auc/all-mlp-off", "AUC all-MLP-off", "{:.3f}"),
-           ("auc/retrain", "AUC retrain", "{:.3f}"),
-           ("nll_cost", "NLL vs dense", "{:+.1%}"),
-           ("nll_vs_centre", "NLL vs centre NULL", "{:+.1%}"),
-           ("capacity_lost", "sinks lost", "{:.3f}"),
-           ("retrain_like/sink-off/exclude", "sink-off retrain-like", "{}"),
-           ("retrain_like/backbone", "backbone retrain-like", "{}"))
+def _ci(value, bounds, fmt="{:.3f}"):
+  return "-" if value is None else fmt.format(value) + (
+      "" if not bounds else " [" + ", ".join(fmt.format(b) for b in bounds) + "]")
+
+
+# (heading, how a row shows it) of the page's table
+COLUMNS = (
+    ("point", lambda r: r["point"]), ("sources", lambda r: str(r["sources"])),
+    ("articles/source", lambda r: str(r["source_size"])),
+    ("passes", lambda r: f"{r['passes']:.1f}"), ("k/P", lambda r: f"{r['k/P']:.3f}"),
+    ("G/I", lambda r: f"{r['G/I']:.2f}"), ("d", lambda r: str(r["d_model"])),
+    ("TR sink-on", lambda r: _ci(r["tr_unique/sink-on"], r["tr_unique_ci/sink-on"])),
+    ("TR sink-off", lambda r: _ci(r["tr_unique/sink-off/exclude"],
+                                  r["tr_unique_ci/sink-off/exclude"])),
+    ("TR backbone", lambda r: f"{r['tr_unique/backbone']:.3f}"),
+    ("TR retrain", lambda r: _ci(r["tr_unique/retrain"], r["tr_unique_ci/retrain"])),
+    ("KS p sink-off", lambda r: f"{r['ks_unique/sink-off/exclude']:.3g}"),
+    ("sinks hold (AUC sink-on - backbone)", lambda r: f"{r['sinks_hold/auc']:+.3f}"),
+    ("AUC sink-off", lambda r: _ci(r["auc/sink-off/exclude"], r["auc_ci/sink-off/exclude"])),
+    ("AUC backbone", lambda r: f"{r['auc/backbone']:.3f}"),
+    ("AUC all-MLP-off", lambda r: f"{r['auc/all-mlp-off']:.3f}"),
+    ("AUC retrain", lambda r: _ci(r["auc/retrain"], r["auc_ci/retrain"])),
+    ("AUC retrain-2", lambda r: f"{r['auc/retrain-2']:.3f}"),
+    ("gap sink-off [CI]", lambda r: _ci(r["auc/sink-off/exclude"] - r["auc/retrain"],
+                                        r["gap_ci/sink-off/exclude"], "{:+.3f}")),
+    ("floor", lambda r: _ci(r["noise_floor"], None)),
+    ("NLL vs dense", lambda r: r["nll_vs_dense/null sink-off/exclude"]),
+    ("NLL vs dense-active", lambda r: r["nll_vs_dense_active/null sink-off/exclude"]),
+    ("relearn sink-off / retrain", lambda r: _ci(r["relearn/sink-off/exclude"], None, "{:+.3f}")
+     + " / " + _ci(r["relearn/retrain"], None, "{:+.3f}")),
+    ("sinks lost", lambda r: f"{r['capacity_lost']:.3f}"),
+    ("sink-off retrain-like", lambda r: str(r["retrain_like/sink-off/exclude"])),
+    ("backbone retrain-like", lambda r: str(r["retrain_like/backbone"])))
 
 
 def table(rows: list[dict]) -> str:
-  lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-  for r in rows:
-    lines.append("| " + " | ".join("-" if r[c] is None else f.format(r[c])
-                                   for c, _, f in COLUMNS) + " |")
+  lines = ["| " + " | ".join(h for h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  lines += ["| " + " | ".join(str(show(r)) for _, show in COLUMNS) + " |" for r in rows]
   return "\n".join(lines) + "\n"
 
 
 def write_page(workdir: str, rows: list[dict]):
-  """regimes.json, regimes.md (the table), regimes.png and index.md."""
+  """regimes.json, regimes.md (the table), regimes.png, regimes_sources.png and index.md."""
   with open(os.path.join(workdir, "regimes.json"), "w") as f:
     json.dump(rows, f, indent=1)
   md = table(rows)
@@ -297,16 +330,30 @@ def write_page(workdir: str, rows: list[dict]):
     f.write(md)
   print(md)
   _plot(os.path.join(workdir, "regimes.png"), rows)
-  legend = (f"Unique facts of the forget sources: mean log Truth Ratio (TR), KS forget "
-            f"quality against the retrain (KS p), membership AUC ({MIA_SCORE}, forget vs "
-            "never-seen documents; 0.5 = indistinguishable); held-out NLL of the NULL's "
-            "deployed path vs the dense control, and vs the centre's NULL where both are "
-            "measured on the same documents; sinks lost = mean share of a retained source's "
-            "sinks zeroed by excluding as many sources as the forget set. Retrain-like: KS p "
-            f">= {KS_LEVEL} and AUC within {AUC_MARGIN} of the retrain's.")
+  _plot_sources(os.path.join(workdir, "regimes_sources.png"), rows)
+  legend = ("Unique facts of the forget sources: mean log Truth Ratio (TR) with its 95% CI "
+            "(sources resampled), KS forget quality against the retrain over per-source means "
+            f"(KS p); membership AUC ({MIA_SCORE}, forget vs never-seen documents; 0.5 = "
+            "indistinguishable) with its CI; the gap to the retrain with its paired CI, and "
+            "the floor: how far a second retrain (another seed) lands from the first. What the "
+            "sinks hold: sink-on's AUC over the backbone's (forgetting is only a claim where "
+            "they hold something). Held-out NLL of the deployed path against the dense control "
+            "of the same total parameters and the one of the same active parameters (paired "
+            "difference, its CI); relearn: NLL change on held-apart forget documents after "
+            "the attack at the rate chosen on others; sinks lost = mean share of a retained "
+            "source's sinks zeroed by excluding the forget set. Retrain-like: KS p >= "
+            f"{KS_LEVEL} and the gap's CI reaching within the floor.")
   with open(os.path.join(workdir, "index.md"), "w") as f:
     f.write(f"# sinkformer sweep: the regime map\n\n{legend}\n\n{md}\n![regimes](regimes.png)\n\n"
+            "![AUC gaps against sources](regimes_sources.png)\n\n"
             + "".join(f"- {r['point']}: points/{slug(r['point'])}/eval/index.md\n" for r in rows))
+
+
+def _gaps(rows, cond):
+  """(gap, [lower, upper] error bars) of `cond`'s AUC gap to the retrain, per row."""
+  gap = np.asarray([r[f"auc/{cond}"] - r["auc/retrain"] for r in rows])
+  ci = np.asarray([r[f"gap_ci/{cond}"] for r in rows])
+  return gap, np.abs(ci.T - gap)
 
 
 def _plot(path: str, rows: list[dict]):
@@ -314,22 +361,50 @@ def _plot(path: str, rows: list[dict]):
   x = np.arange(len(rows))
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
   ax = axes[0]
-  for cond, marker in (("sink-off/exclude", "o"), ("backbone", "s"), ("all-mlp-off", "^")):
-    ax.plot(x, [r[f"auc/{cond}"] - r["auc/retrain"] for r in rows], marker, label=cond)
-  ax.axhspan(-AUC_MARGIN, AUC_MARGIN, color="green", alpha=0.15, label="retrain-like")
-  ax.set_ylabel(f"membership AUC - retrain's ({MIA_SCORE})")
+  for shift, (cond, marker) in enumerate((("sink-off/exclude", "o"), ("backbone", "s"))):
+    gap, err = _gaps(rows, cond)
+    ax.errorbar(x + 0.15 * shift, gap, yerr=err, fmt=marker, capsize=3, label=cond)
+  floor = np.asarray([r["noise_floor"] or 0.0 for r in rows])
+  ax.fill_between(x, -floor, floor, color="green", alpha=0.15, step="mid",
+                  label="second retrain's gap")
+  ax.axhline(0, color="grey", lw=0.5)
+  ax.set_ylabel(f"membership AUC - retrain's ({MIA_SCORE}, 95% CI)")
   ax = axes[1]
   for cond, marker in (("sink-off/exclude", "o"), ("backbone", "s")):
     ax.semilogy(x, [max(r[f"ks_unique/{cond}"], 1e-12) for r in rows], marker, label=cond)
   ax.axhline(KS_LEVEL, color="green", label=f"p = {KS_LEVEL}")
-  ax.set_ylabel("KS forget quality, unique facts")
+  ax.set_ylabel("KS forget quality, unique facts (per source)")
   ax = axes[2]
-  ax.bar(x, [100 * r["nll_cost"] for r in rows])
-  ax.set_ylabel("held-out NLL vs dense control (%)")
+  ax.bar(x - 0.2, [100 * r["nll_cost"] for r in rows], 0.4, label="vs dense (total)")
+  ax.bar(x + 0.2, [100 * r["nll_cost_active"] for r in rows], 0.4, label="vs dense (active)")
+  ax.set_ylabel("held-out NLL of sink-off vs dense (%)")
   for ax in axes:
     ax.set_xticks(x, [r["point"] for r in rows], rotation=45, ha="right", fontsize=8)
-    if ax is not axes[2]:
-      ax.legend(fontsize=7)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def _plot_sources(path: str, rows: list[dict]):
+  """The AUC gaps of sink-off and backbone against the number of sources (log axis), one
+  line per number of passes (rounded), for the points that vary only those."""
+  plt = context.pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  plain = [r for r in rows if r["corpus"] == "encyclopedia" and r["source_size"] == 1
+           and set(r["overrides"]) <= {"sweep.articles", "sweep.forget", "sweep.holdout",
+                                       "train.steps", "train.warmup_steps", "seed"}]
+  for passes in sorted({round(r["passes"]) for r in plain}):
+    group = sorted((r for r in plain if round(r["passes"]) == passes), key=lambda r: r["sources"])
+    for cond, style in (("sink-off/exclude", "o-"), ("backbone", "s--")):
+      gap, err = _gaps(group, cond)
+      ax.errorbar([r["sources"] for r in group], gap, yerr=err, fmt=style, capsize=3,
+                  label=f"{cond}, ~{passes} passes")
+  ax.axhline(0, color="grey", lw=0.5)
+  ax.set_xscale("log")
+  ax.set_xlabel("sources")
+  ax.set_ylabel(f"membership AUC - retrain's ({MIA_SCORE}, 95% CI)")
+  ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
