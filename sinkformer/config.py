@@ -46,7 +46,10 @@ def base() -> ml_collections.ConfigDict:
                  # when weights are gathered and gradients reduced on a data/fsdp mesh:
                  # "micro" (FSDP: per layer and micro-batch, least memory) or "step" (once
                  # per step: whole weights and gradients per device, far fewer bytes)
-                 sync="micro")
+                 sync="micro",
+                 # a source-private backbone (privacy.py): each row's backbone gradient
+                 # clipped to `clip` (0: off), Gaussian noise noise*clip, epsilon at delta
+                 dp=dict(clip=0.0, noise=0.0, delta=1e-6))
   # Serving: exclude = zero unlearned sources' units in every pass; route = only never pick
   # them. The router embeds each source's title+opening (or its title only).
   c.unlearn = dict(policy="exclude", router="title+opening", allow_reactivation=False)
@@ -213,6 +216,14 @@ def validate(cfg, num_devices: int) -> tuple[int, ...]:
   for field in ("backbone_lr_scale", "backbone_decay_scale"):
     _require(t[field] >= 0, f"train.{field}", f"must be >= 0, got {t[field]}")
   _require(t.sync in ("micro", "step"), "train.sync", f"{t.sync!r} is not 'micro' or 'step'")
+  if t.dp.clip > 0:   # what the privacy argument needs (privacy.py)
+    _require(m.kind == "null", "train.dp.clip", "a source-private backbone is a NULL's "
+             "(the dense control has no sinks to keep sources apart); set 0 for it")
+    _require(d.max_docs_per_row == 1, "data.max_docs_per_row", "must be 1 with train.dp: a "
+             "row must be one source's window for per-row clipping to bound a source")
+    _require(t.grad_accum == 1, "train.grad_accum", "must be 1 with train.dp")
+    _require(t.dp.noise >= 0, "train.dp.noise", f"must be >= 0, got {t.dp.noise}")
+    _require(0 < t.dp.delta < 1, "train.dp.delta", f"must be in (0, 1), got {t.dp.delta}")
   _require(t.checkpoint_every > 0, "train.checkpoint_every", f"must be positive, got "
            f"{t.checkpoint_every} (a checkpoint is also written at the last step)")
 

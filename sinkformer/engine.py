@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sinkformer import checkpoint, config as config_lib, storage
+from sinkformer import checkpoint, config as config_lib, privacy, storage
 from sinkformer.errors import UserError
 from sinkformer.model import sinks, transformer
 from sinkformer.parallel import mesh as mesh_lib
@@ -65,6 +65,11 @@ def make_optimizer(cfg, dims) -> tuple[optax.GradientTransformation, optax.Sched
                        _backbone_scaled(backbone, t.weight_decay, t.backbone_lr_scale,
                                         t.backbone_decay_scale),
                        optax.scale_by_learning_rate(schedule))
+  if privacy.enabled(cfg):   # noise on the backbone, no global clip (privacy.py)
+    noise = privacy.backbone_noise(t.dp.noise * t.dp.clip / privacy.normalizer(cfg),
+                                   transformer.backbone_units(dims, cfg.sinks.attn_heads),
+                                   cfg.seed)
+    return optax.chain(noise, adam), schedule
   return optax.chain(optax.clip_by_global_norm(t.clip_norm), adam), schedule
 
 

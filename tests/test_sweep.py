@@ -26,6 +26,10 @@ def test_points_parse_and_apply_to_the_right_sections():
   assert "sweep" not in c and cfg.model.mlp_backbone == 96   # the centre is untouched
   with pytest.raises(UserError, match="not SECTION.FIELD=VALUE"):
     sweep.parse_point("x: sinks.k")
+  nested = sweep.point_config(cfg, sweep.parse_point("dp: train.dp.noise=2.0")[1])[0]
+  assert nested.train.dp.noise == 2.0 and cfg.train.dp.noise == 0.0
+  with pytest.raises(UserError, match="no such field"):
+    sweep.point_config(cfg, {"train.dp.nois": 2.0})
   with pytest.raises(UserError, match="distinct as directory names"):
     points = "('passes/4: train.steps=40', 'passes*4: train.steps=640')"
     sweep.run(config.load("experiments/regimes.py", (f"--config.sweep.points={points}",)),

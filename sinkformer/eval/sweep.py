@@ -45,7 +45,7 @@ def parse_point(spec: str) -> tuple[str, dict]:
   overrides = {}
   for item in filter(None, (x.strip() for x in rest.split(","))):
     key, eq, value = item.partition("=")
-    if not eq or key.strip().count(".") != 1:
+    if not eq or "." not in key.strip():
       raise UserError(f"sweep point {spec!r}: {item!r} is not SECTION.FIELD=VALUE")
     try:
       overrides[key.strip()] = ast.literal_eval(value.strip())
@@ -62,8 +62,10 @@ def point_config(cfg, overrides: dict):
   settings = dict(cfg.sweep)
   c = ml_collections.ConfigDict({k: v for k, v in cfg.to_dict().items() if k != "sweep"})
   for key, value in overrides.items():
-    section, field = key.split(".")
+    section, *path, field = key.split(".")
     target = settings if section == "sweep" else c.get(section)
+    for name in path:   # nested sections, e.g. train.dp.clip
+      target = target.get(name) if hasattr(target, "get") else None
     if target is None or field not in target:
       raise UserError(f"sweep override {key}={value!r}: no such field")
     try:
@@ -81,7 +83,8 @@ def dense_key(cfg) -> str:
   d["model"]["mlp_backbone"] += d["sinks"]["num"]
   d["model"].pop("kind")
   d.pop("sinks")
-  d["train"] = {k: v for k, v in d["train"].items() if not k.startswith("backbone_")}
+  d["train"] = {k: v for k, v in d["train"].items()   # NULL-only: a control never has them
+                if not k.startswith("backbone_") and k != "dp"}
   return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from sinkformer import checkpoint, engine, storage
+from sinkformer import checkpoint, engine, privacy, storage
 from sinkformer.data import pipeline
 from sinkformer.errors import Stopped, UserError
 from sinkformer.model import flops, sinks, transformer
@@ -124,6 +124,18 @@ def _per_step(setup: engine.Setup, params, batch):
                        axis_names=set(replicas), check_vma=False)(params, batch)
 
 
+def _private(setup: engine.Setup, params, batch):
+  """_accumulate's results with the backbone's part of the gradient replaced by the sum of
+  each row's backbone gradient clipped to train.dp.clip (privacy.py; noise is added by the
+  optimizer, which alone holds a key)."""
+  grads, loss, tokens, docs = _accumulate(setup, params, batch)   # grad_accum is 1 here
+  backbone = transformer.backbone_units(setup.dims, setup.cfg.sinks.attn_heads)
+  clipped = privacy.backbone_sum(lambda p, rows: engine.token_losses(setup, p, rows)[0].sum(),
+                                 params, batch, backbone, setup.cfg.train.dp.clip)
+  return (jax.tree.map(lambda c, g, m: c + (1 - m) * g, clipped, grads, backbone), loss,
+          tokens, docs)
+
+
 def train_step(setup: engine.Setup, state: dict, batch: dict):
   """One optimizer update on a (possibly accumulated) batch -> (new state, metrics)."""
   # train.sync "micro" leaves communication to the partitioner (FSDP): each layer's weights
@@ -131,9 +143,12 @@ def train_step(setup: engine.Setup, state: dict, batch: dict):
   # micro-batch, and every micro-batch's gradients reduced at the backward matmul. The
   # least memory: no device ever holds all the weights.
   sync = _per_step if setup.cfg.train.sync == "step" and setup.mesh.size > 1 else _accumulate
-  grads, loss, tokens, docs = sync(setup, state["params"], batch)
+  private = privacy.enabled(setup.cfg)
+  grads, loss, tokens, docs = (_private if private else sync)(setup, state["params"], batch)
   tokens = jnp.maximum(tokens, 1.0)
-  grads = jax.tree.map(lambda g: g / tokens, grads)   # mean over every real target token
+  # the mean over every real target token; a private step divides by a constant instead
+  scale = privacy.normalizer(setup.cfg) if private else tokens
+  grads = jax.tree.map(lambda g: g / scale, grads)
   updates, opt = setup.tx.update(grads, state["opt"], state["params"])
   new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
                "opt": opt}
@@ -274,6 +289,14 @@ def _train(cfg, workdir: str, devices=None, stop=()):
   flops_token = flops.flops_per_token(setup.dims, d.seq_len)
   peak, peak_src = flops.device_peak(cfg.model.dtype)
   reporter.line(f"data: {data.summary}")
+  budget = None
+  if privacy.enabled(cfg):   # ε after each step, from the batch plan (privacy.py)
+    budget = privacy.participation(privacy.sources_per_step(data.train, 0, t.steps, None))
+    spent = lambda done: privacy.epsilon(t.dp.noise, int(budget[0][done - 1]),
+                                         int(budget[1][done - 1]), t.dp.delta)
+    reporter.line(f"private backbone: rows clipped to {t.dp.clip}, noise {t.dp.noise}; a source "
+                  f"takes part in at most {budget[0][-1]} steps, {budget[1][-1]} row(s) in one: "
+                  f"epsilon {spent(t.steps):.3g} at delta {t.dp.delta:g} for the whole run")
   reporter.line(f"{cfg.model.kind} model: {n_params / 1e6:.2f}M params, mesh "
                 f"{dict(setup.mesh.shape)}, {flops_token / 1e6:.1f} MFLOP/token, peak "
                 f"{peak / 1e9:.0f} GFLOP/s ({peak_src})")
@@ -314,10 +337,13 @@ def _train(cfg, workdir: str, devices=None, stop=()):
                "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(fetched[-1]["lr"]),
                "tokens_per_s": tok_s, "mfu": flops.mfu(tok_s, flops_token, peak, setup.mesh.size),
                "data_frac": data_time / elapsed, "epoch": data.train.epoch_of(done)}
+        if budget is not None:
+          row["epsilon"] = spent(done)
         eta = (now - start) / (done - first) * (t.steps - done)
         reporter.line(f"step {done}/{t.steps} | loss {row['loss']:.4f} | "
                       f"{report.human(tok_s)} tok/s | MFU {100 * row['mfu']:.2f}% | "
-                      f"data {100 * row['data_frac']:.1f}% | ETA {report.duration(eta)}")
+                      f"data {100 * row['data_frac']:.1f}% | ETA {report.duration(eta)}"
+                      + (f" | epsilon {row['epsilon']:.3g}" if budget is not None else ""))
         reporter.scalars(done, row, "train")
         reporter.per_source(done, *_aggregate_sources([m["docs"] for m in fetched]))
         reporter.postfix(f"loss {row['loss']:.3f}")
