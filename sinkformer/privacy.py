@@ -32,11 +32,9 @@ the same units.
 
 from __future__ import annotations
 
-import dp_accounting
 import jax
 import numpy as np
 import optax
-from jax_privacy import clipping, noise_addition
 
 
 def enabled(cfg) -> bool:
@@ -47,6 +45,7 @@ def backbone_sum(loss_row, params, batch, backbone, clip: float):
   """Σ over rows of each row's backbone gradient clipped to `clip` (the rest of a row's
   gradient is dropped before the norm is taken). `loss_row(params, batch)` is a batch's
   summed loss; each row is passed as a batch of one."""
+  from jax_privacy import clipping   # only private runs need it
   grad = clipping.clipped_grad(
       loss_row, l2_clip_norm=clip, batch_argnums=1, keep_batch_dim=True,
       pre_clipping_transform=lambda g: jax.tree.map(lambda x, m: x * m, g, backbone))
@@ -56,6 +55,7 @@ def backbone_sum(loss_row, params, batch, backbone, clip: float):
 def backbone_noise(stddev: float, backbone, seed: int) -> optax.GradientTransformation:
   """Gaussian noise of `stddev` on the backbone's elements only (an optimizer's first
   transformation; its key is part of the optimizer state)."""
+  from jax_privacy import noise_addition
   privatizer = noise_addition.gaussian_privatizer(stddev=stddev, prng_key=seed)
 
   def update(updates, state, params=None):
@@ -90,6 +90,7 @@ def epsilon(noise: float, steps: int, rows: int, delta: float) -> float:
     return 0.0
   if noise <= 0:
     return float("inf")
+  import dp_accounting
   event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(noise / rows), steps)
   return float(dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(delta))
 
