@@ -87,6 +87,10 @@ class Words:
   def decode(self, ids) -> str:
     return " ".join(self.words[i] for i in ids if i > EOS)
 
+  def piece(self, i: int) -> str:
+    """Token `i` as a string (special tokens by their names: <s>, </s>)."""
+    return self.words[int(i)]
+
 
 def title(doc: np.ndarray, words_: list[str]) -> str:
   """A built-in article's title: its person's name."""

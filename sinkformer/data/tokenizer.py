@@ -140,3 +140,7 @@ class Tokenizer:
   def decode(self, ids) -> str:
     return self.sp.decode([int(i) for i in ids if i > EOS])
 
+  def piece(self, i: int) -> str:
+    """Token `i` as a string (special tokens by their names: <s>, </s>)."""
+    return self.sp.id_to_piece(int(i))
+

@@ -275,6 +275,33 @@ def _score(setup, mode: str, params, batch, exclude):
   return -nll.sum(1)
 
 
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _top_logprobs(setup, mode: str, k: int, params, batch, exclude):
+  """Per target token: log p(target) and the k most likely tokens' log p and ids."""
+  logp = jax.nn.log_softmax(engine.logits_in_mode(setup, params, batch, mode, exclude), -1)
+  target = jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+  values, ids = jax.lax.top_k(logp, max(k, 1))
+  return target, values, ids
+
+
+def token_logprobs(setup: engine.Setup, params, sequences: list[list[int]], row_sources,
+                   exclude, mode: str = "source", k: int = 0,
+                   batch_size: int = 32) -> list[dict]:
+  """For each sequence (token ids, BOS first): the log-probability of every token after the
+  first given those before it, and the `k` most likely tokens there (ids and log p)."""
+  n = len(sequences)
+  out = []
+  for start, batch in answer_rows([s[:1] for s in sequences], [list(s[1:]) for s in sequences],
+                                  row_sources, batch_size):
+    target, values, ids = (np.asarray(x) for x in _top_logprobs(setup, mode, k, params, batch,
+                                                                 exclude))
+    for r in range(min(n, start + batch_size) - start):
+      keep = batch["loss_mask"][r].astype(bool)
+      out.append({"logp": target[r][keep], "top_logp": values[r][keep][:, :k],
+                  "top_ids": ids[r][keep][:, :k]})
+  return out
+
+
 @partial(jax.jit, static_argnums=(0, 1))
 def _token_stats(setup, mode: str, params, batch, exclude):
   """Per target token: log p(target), the mean and std of log p(v) under the model's own

@@ -10,6 +10,9 @@ Routes (FastAPI on uvicorn):
   POST /v1/reactivate      likewise, where the run's config allows it
   GET  /healthz            run, step, source counts, ledger position (committed and in
                            force here), queue length
+  GET  /v1/models          the run, and the run in each mode as NAME@MODE
+  GET  /tokenizer_info, POST /tokenize, POST /detokenize   the run's tokenizer (vLLM's
+                           endpoints: lm-evaluation-harness scores with them)
 
 Decoding is the worker's (worker.py); this module decides everything about a request
 before it joins a batch: a malformed request is a 4xx naming the field (422 for the body's
@@ -43,6 +46,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sinkformer.data import catalog
 from sinkformer.errors import UserError
@@ -66,17 +70,35 @@ class Limits:
   max_body_bytes: int = 4 << 20  # a request body, before it is parsed
 
 
+Tokens = list[Annotated[int, Field(ge=0)]]
+
+
 class Completion(BaseModel):
   model_config = {"extra": "forbid"}
-  prompt: str | list[str]
-  max_tokens: int = Field(16, ge=1)
+  prompt: str | list[str] | Tokens | list[Tokens]   # text(s) or token ids (no BOS)
+  max_tokens: int = Field(16, ge=0)                 # 0: score the prompt only (with echo)
   temperature: float = Field(0.0, ge=0.0, le=10.0, allow_inf_nan=False)
   top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
   seed: int | None = Field(None, ge=0, lt=2**32)
   ignore_eos: bool = False       # generate exactly max_tokens (load tests), as vLLM's
+  stop: str | list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(
+      None, max_length=4)         # the text ends before the first of these
+  echo: bool = False             # the prompt comes back in front of the text (and its logprobs)
+  logprobs: int | None = Field(None, ge=0, le=5)   # per token: its log p and the top ones
+  n: int = Field(1, ge=1, le=1)  # one choice per prompt
+  user: str | None = Field(None, max_length=200)   # accepted, unused
   stream: bool = False
-  mode: str = Field("route", max_length=1_000)
-  model: str | None = Field(None, max_length=200)   # for client compatibility; one run here
+  mode: str | None = Field(None, max_length=1_000)   # default: the model's @MODE, else route
+  model: str | None = Field(None, max_length=1_000)  # NAME or NAME@MODE (GET /v1/models)
+
+
+class Tokenize(BaseModel):
+  prompt: str = Field(max_length=1 << 20)
+  add_special_tokens: bool = True
+
+
+class Detokenize(BaseModel):
+  tokens: Tokens = Field(max_length=1 << 16)
 
 
 class Change(BaseModel):
@@ -130,10 +152,13 @@ def _status(e: Exception) -> int:
   return 400 if isinstance(e, UserError) else 500
 
 
-def _error_body(e: Exception) -> dict:
-  if _status(e) == 500:   # a bug: the log has it, the client gets nothing internal
-    return {"detail": "internal error; the server's log has the details"}
-  return {"detail": _excerpt(e)}
+def _error_body(e: Exception, status: int | None = None) -> dict:
+  """FastAPI's `detail` and OpenAI's `error` (what its clients read), both."""
+  status = _status(e) if status is None else status
+  message = ("internal error; the server's log has the details" if status == 500   # a bug
+             else _excerpt(e.detail if isinstance(e, HTTPException) else e))
+  kind = "invalid_request_error" if status < 500 else "server_error"
+  return {"detail": message, "error": {"message": message, "type": kind, "code": status}}
 
 
 class BodyLimit:
@@ -214,41 +239,85 @@ def create_app(run_dir: str, token: str | None = None, limits: Limits = Limits()
   async def user_error(_, e: UserError):
     return JSONResponse(_error_body(e), status_code=_status(e))
 
+  @app.exception_handler(StarletteHTTPException)   # ours and the router's (404, 405)
+  async def http_error(_, e: StarletteHTTPException):
+    return JSONResponse(_error_body(e, e.status_code), status_code=e.status_code,
+                        headers=e.headers)
+
   @app.exception_handler(RequestValidationError)
   async def invalid(_, e: RequestValidationError):
-    return JSONResponse({"detail": [{"loc": list(err["loc"]), "msg": _excerpt(err["msg"]),
-                                     "type": err["type"]} for err in e.errors()[:10]]}, 422)
+    errors = [{"loc": list(err["loc"]), "msg": _excerpt(err["msg"]), "type": err["type"]}
+              for err in e.errors()[:10]]
+    message = "; ".join(f"{'.'.join(map(str, x['loc'][1:]))}: {x['msg']}" for x in errors)
+    return JSONResponse({"detail": errors, "error": {
+        "message": message, "type": "invalid_request_error", "code": 422}}, 422)
 
   @app.exception_handler(Exception)
   async def bug(_, e: Exception):
     traceback.print_exception(e, file=sys.stderr)
     return JSONResponse(_error_body(e), status_code=500)
 
-  def named(mode: str) -> int:
+  def named(mode: str) -> int:   # the source a mode names, resolved before the batch
     try:
       return serving.named_source(board, mode)
     except UserError as e:   # the same error (and status), naming the field
       e.args = (f"mode: {e}",)
       raise
 
-  @app.post("/v1/completions")
-  async def completions(body: Completion, request: Request):
-    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not 1 <= len(texts) <= limits.max_prompts:
+  modes = ("route", "backbone", "placebo") if server.setup.spec is not None else ("dense",)
+  context = server.cfg.data.seq_len
+
+  def mode_of(body: Completion) -> str:
+    """The request's mode: `mode`, else the one its `model` names (NAME@MODE), else route."""
+    model, _, suffix = (body.model or name).partition("@")
+    if model != name:
+      raise HTTPException(404, f"model: {_excerpt(body.model)!r} is not served here; GET "
+                               f"/v1/models lists {name} and {name}@MODE")
+    return body.mode or suffix or "route"
+
+  def tokens_of(body: Completion) -> tuple[list[list[int]], list[str]]:
+    """(each prompt's tokens with BOS first, its text), refused if empty or too long."""
+    p = body.prompt
+    ids = [p] if p and isinstance(p[0], int) else p if p and isinstance(p[0], list) else None
+    texts = None if ids is not None else [p] if isinstance(p, str) else p
+    count = len(ids if ids is not None else texts)
+    if not 1 <= count <= limits.max_prompts:
       raise HTTPException(400, f"prompt: 1 to {limits.max_prompts} prompts per request, got "
-                               f"{len(texts)}")
-    if body.max_tokens > limits.max_tokens:
-      raise HTTPException(400, f"max_tokens: at most {limits.max_tokens}, got {body.max_tokens}")
-    longest = max(map(len, texts))
-    if longest > limits.max_prompt_tokens * CHARS_PER_TOKEN:
-      raise HTTPException(400, f"prompt: at most {limits.max_prompt_tokens} tokens per prompt; "
-                               f"this one has {longest:,} characters")
-    prompts = await run_in_threadpool(lambda: [server.encode(t) for t in texts])
-    longest = max(len(p) for p in prompts)
+                               f"{count}")
+    if texts is not None:
+      longest = max(map(len, texts))
+      if longest > limits.max_prompt_tokens * CHARS_PER_TOKEN:
+        raise HTTPException(400, f"prompt: at most {limits.max_prompt_tokens} tokens per "
+                                 f"prompt; this one has {longest:,} characters")
+      ids = [server.tokenizer.encode(t) for t in texts]
+    vocab = server.tokenizer.vocab_size
+    for x in ids:
+      if not x:
+        raise HTTPException(400, "prompt: empty; give at least one token")
+      if max(x) >= vocab:
+        raise HTTPException(400, f"prompt: token id {max(x)} is outside the vocabulary "
+                                 f"(0..{vocab - 1})")
+    longest = max(len(x) for x in ids)
     if longest > limits.max_prompt_tokens:
       raise HTTPException(400, f"prompt: at most {limits.max_prompt_tokens} tokens per prompt, "
                                f"got {longest}")
-    job = worker_lib.Job(prompts, texts, body, await run_in_threadpool(named, body.mode),
+    if longest >= context:   # BOS takes one place of the context the model was trained on
+      raise HTTPException(400, f"prompt: at most {context - 1} tokens (the model's context is "
+                               f"{context} with BOS), got {longest}")
+    return ([[server.tokenizer.bos, *x] for x in ids],
+            texts or [server.tokenizer.decode(x) for x in ids])
+
+  @app.post("/v1/completions")
+  async def completions(body: Completion, request: Request):
+    if body.max_tokens > limits.max_tokens:
+      raise HTTPException(400, f"max_tokens: at most {limits.max_tokens}, got {body.max_tokens}")
+    if body.max_tokens == 0 and not body.echo:
+      raise HTTPException(400, "max_tokens: 0 only scores the prompt, which needs echo: true")
+    if body.stream and (body.echo or body.logprobs is not None):
+      raise HTTPException(400, "stream: echo and logprobs come with whole responses only")
+    mode = mode_of(body)
+    prompts, texts = await run_in_threadpool(tokens_of, body)
+    job = worker_lib.Job(prompts, texts, body, mode, await run_in_threadpool(named, mode),
                          asyncio.get_running_loop(), asyncio.Queue())
     try:
       worker.submit(job)
@@ -270,12 +339,43 @@ def create_app(run_dir: str, token: str | None = None, limits: Limits = Limits()
         if kind == "error":
           return JSONResponse(_error_body(payload), status_code=_status(payload))
         if kind == "done":
+          prompt_tokens = sum(len(p) - 1 for p in prompts)
+          completion_tokens = sum(c["tokens"] for c in payload)
           return {**meta, "choices": payload, "policy": server.policy,
-                  "usage": {"prompt_tokens": sum(map(len, prompts)),
-                            "completion_tokens": sum(c["tokens"] for c in payload)},
+                  "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens},
                   "sent_at": time.time()}
     finally:
       job.cancelled = True   # answered, or its client is gone: nothing more is decoded
+
+  @app.get("/v1/models")
+  def models():
+    created = int(os.path.getmtime(os.path.join(run_dir, "config.json")))
+    return {"object": "list", "data": [
+        {"id": model, "object": "model", "created": created, "owned_by": "sinkformer",
+         "step": server.step, "policy": server.policy}
+        for model in [name] + [f"{name}@{m}" for m in modes if m != "dense"]]}
+
+  @app.get("/tokenizer_info")
+  def tokenizer_info():
+    tok = server.tokenizer
+    return {"eos_token": tok.piece(tok.eos), "bos_token": tok.piece(tok.bos),
+            "pad_token": tok.piece(0), "vocab_size": tok.vocab_size,
+            "model_max_length": context, "add_bos_token": True}
+
+  @app.post("/tokenize")
+  def tokenize(body: Tokenize):
+    tok = server.tokenizer
+    special = {tok.piece(tok.bos): tok.bos, tok.piece(tok.eos): tok.eos}
+    tokens = [special[body.prompt]] if body.prompt in special else tok.encode(body.prompt)
+    tokens = ([tok.bos] if body.add_special_tokens else []) + tokens
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": context}
+
+  @app.post("/detokenize")
+  def detokenize(body: Detokenize):
+    if body.tokens and max(body.tokens) >= server.tokenizer.vocab_size:
+      raise HTTPException(400, f"tokens: ids must be below {server.tokenizer.vocab_size}")
+    return {"prompt": server.tokenizer.decode(body.tokens)}
 
   async def _stream(job: worker_lib.Job, meta: dict):
     while True:
@@ -286,9 +386,9 @@ def create_app(run_dir: str, token: str | None = None, limits: Limits = Limits()
         return
       if kind == "chunk":   # sent_at: when it left, to compare with an unlearn's return
         yield f"data: {json.dumps({**meta, 'choices': payload, 'sent_at': time.time()})}\n\n"
-      else:
-        done = [{k: c[k] for k in ("index", "finish_reason", "mode", "source", "policy")}
-                for c in payload]
+      else:   # the last chunk: no new text (an empty one, as clients join them)
+        done = [{"text": "", **{k: c[k] for k in ("index", "finish_reason", "mode", "source",
+                                                  "policy")}} for c in payload]
         yield f"data: {json.dumps({**meta, 'choices': done, 'sent_at': time.time()})}\n\n"
         yield "data: [DONE]\n\n"
         return

@@ -126,12 +126,12 @@ async def _session(url: str, run_dir: str, token: str, clients: int, duration_s:
           if "error" in event:
             status = event["error"]["status"]
             break
-          if "text" in event["choices"][0]:
+          if "finish_reason" in event["choices"][0]:   # the last event: no new tokens
+            final = event
+          else:
             chunks.append((event["sent_at"], sum(ch["tokens"] for ch in event["choices"])))
             if hang_up:
               break
-          else:
-            final = event
       source = asked if final is None else _used(final["choices"][0])
       sent.extend((source, at, n) for at, n in chunks)
       done.append({"status": status, "latency": time.monotonic() - t0,

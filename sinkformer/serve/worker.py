@@ -52,9 +52,11 @@ class Restarted(UserError):
 class Job:
   """One completion request on its way through the worker. `named`: the source its
   `source:` mode names (resolved before it joined the queue; 0 for other modes)."""
-  prompts: list[list[int]]
+  prompts: list[list[int]]   # BOS first
   texts: list[str]
-  body: object   # http.Completion: mode, stream, temperature, top_p, seed, max_tokens, ignore_eos
+  body: object   # http.Completion: stream, temperature, top_p, seed, max_tokens, ignore_eos,
+                 # stop, echo, logprobs
+  mode: str      # route | placebo | backbone | source:REF
   named: int
   loop: asyncio.AbstractEventLoop
   events: asyncio.Queue   # ("chunk", choices) ... then ("done", choices) or ("error", exc)
@@ -192,7 +194,7 @@ class Worker:
         live.append(job)
     sources: dict[int, np.ndarray] = {}
     for mode in ("route", "placebo"):   # one router pass for all of a batch's queries
-      mine = [j for j in live if j.body.mode == mode]
+      mine = [j for j in live if j.mode == mode]
       if mine and s.setup.spec is not None:
         try:
           routed = s.route([t for j in mine for t in j.texts], farthest=mode == "placebo")
@@ -209,7 +211,7 @@ class Worker:
     for job in live:
       rows = sources.get(id(job), np.full(len(job.prompts), job.named, np.int32))
       gate = ("dense" if s.setup.spec is None else
-              "backbone" if job.body.mode == "backbone" else "source")
+              "backbone" if job.mode == "backbone" else "source")
       groups.setdefault(gate, []).append((job, rows))
     for gate, members in groups.items():
       self._decode(gate, members)
@@ -240,7 +242,8 @@ class Worker:
     self.stats["rows"] += len(prompts)
     kept = [[] for _ in prompts]     # each row's tokens that may be sent
     sent = [(0, "")] * len(prompts)  # each streaming row's tokens and text sent so far
-    reason = [None] * len(prompts)   # why a row was stopped: "unlearned", "deadline"
+    reason = [None] * len(prompts)   # why a row was stopped: "unlearned", "deadline", "stop"
+    cut = {}                         # rows whose text ends before a stop string: that text
     open_jobs = [job for job, _ in members]
     loops = {job.loop for job in open_jobs}
     seq = s.seq
@@ -263,8 +266,10 @@ class Worker:
         late = now - job.arrived > self.limits.deadline_s
         for r in mine:
           if reason[r] is None:
-            kept[r] = tokens[r]
-            if late:
+            kept[r], text = _until_stop(tokens[r], job.body.stop, tok)
+            if text is not None:
+              reason[r], cut[r] = "stop", text
+            elif late:
               reason[r] = "deadline"
               self.stats["rows_deadline"] += 1
           if reason[r]:
@@ -275,13 +280,13 @@ class Worker:
       for job in list(open_jobs):
         mine = rows_of[id(job)]
         if job.body.stream:
-          self._stream(job, mine, kept, sent)
+          self._stream(job, mine, kept, sent, cut)
         if all(ended[r] or reason[r] for r in mine):
-          self._finish(job, mine, kept, reason, sources)
+          self._finish(job, mine, kept, reason, sources, gate, cut)
           open_jobs.remove(job)
       self._confirm(loops)
     for job in open_jobs:
-      self._finish(job, rows_of[id(job)], kept, reason, sources)
+      self._finish(job, rows_of[id(job)], kept, reason, sources, gate, cut)
 
   def _verdict(self, job: Job, mine: list[int], sources, reason, moved: bool,
                gate: str) -> str | None:
@@ -314,12 +319,12 @@ class Worker:
       return "restarted"
     return None
 
-  def _stream(self, job: Job, mine: list[int], kept, sent):
+  def _stream(self, job: Job, mine: list[int], kept, sent, cut):
     """Send a streaming request's new text (what its rows may send beyond what they have),
     and how many tokens it is."""
     choices = []
     for i, r in enumerate(mine):
-      (count, before), text = sent[r], self.server.tokenizer.decode(kept[r])
+      (count, before), text = sent[r], cut.get(r, self.server.tokenizer.decode(kept[r]))
       if len(kept[r]) > count:
         choices.append({"index": i, "text": text[len(before):] if text.startswith(before)
                         else text, "tokens": len(kept[r]) - count})
@@ -327,14 +332,62 @@ class Worker:
     if choices:
       _send(job, "chunk", choices)
 
-  def _finish(self, job: Job, mine: list[int], kept, reason, sources):
-    s, eos = self.server, self.server.tokenizer.eos
-    choices = [{"index": i, "text": s.tokenizer.decode(kept[r]), "tokens": len(kept[r]),
-                "finish_reason": reason[r] or ("stop" if kept[r][-1:] == [eos]
-                                               and not job.body.ignore_eos else "length"),
-                "mode": job.body.mode, "source": s.describe(sources[r]), "policy": s.policy}
-               for i, r in enumerate(mine)]
+  def _finish(self, job: Job, mine: list[int], kept, reason, sources, gate: str, cut: dict):
+    s, tok = self.server, self.server.tokenizer
+    b = job.body
+    choices = []
+    for i, r in enumerate(mine):
+      text = cut.get(r, tok.decode(kept[r]))
+      natural = kept[r][-1:] == [tok.eos] and not b.ignore_eos
+      choice = {"index": i, "text": job.texts[i] + text if b.echo else text,
+                "tokens": len(kept[r]),
+                "finish_reason": "stop" if reason[r] == "stop" or natural else
+                                 reason[r] or "length",
+                "mode": job.mode, "source": s.describe(sources[r]), "policy": s.policy}
+      if b.logprobs is not None:
+        choice["logprobs"] = self._logprobs(job.prompts[i], kept[r], sources[r], gate,
+                                            b.logprobs, b.echo)
+      choices.append(choice)
     _send(job, "done", choices)
+
+  def _logprobs(self, prompt: list[int], new: list[int], source: int, gate: str, k: int,
+                echo: bool) -> dict:
+    """OpenAI's logprobs of a choice: each token's log p given what precedes it, and the k
+    likeliest tokens there; the prompt's tokens too with echo (the first given BOS alone)."""
+    s, tok = self.server, self.server.tokenizer
+    got = generate.token_logprobs(s.setup, s.params, [prompt + new],
+                                  np.asarray([source], np.int32), s.exclusion(), gate, k)[0]
+    ids = (prompt[1:] if echo else []) + new
+    skip = 0 if echo else len(prompt) - 1
+    offsets = []
+    for n in range(len(ids)):   # where each token's text starts in the decoded text (after a
+      before, upto = len(tok.decode(ids[:n])), tok.decode(ids[:n + 1])   # space it does not
+      added = upto[before:]                                             # carry itself)
+      offsets.append(before + (0 if tok.piece(ids[n]).startswith("\u2581")
+                               else len(added) - len(added.lstrip())))
+    return {"tokens": [tok.piece(i) for i in ids],
+            "token_logprobs": [float(x) for x in got["logp"][skip:]],
+            "top_logprobs": None if k == 0 else [
+                {tok.piece(i): float(v) for i, v in zip(top_i, top_v)}
+                for top_i, top_v in zip(got["top_ids"][skip:], got["top_logp"][skip:])],
+            "text_offset": offsets}
+
+
+def _until_stop(tokens: list[int], stop, tok) -> tuple[list[int], str | None]:
+  """(the tokens whose text lies before the first stop string, that text), or (tokens, None)
+  when no stop string appears. The text is cut exactly where the stop string begins."""
+  if not stop:
+    return tokens, None
+  text = tok.decode(tokens)
+  found = [i for i in (text.find(x) for x in ([stop] if isinstance(stop, str) else stop))
+           if i >= 0]
+  if not found:
+    return tokens, None
+  text = text[:min(found)]
+  n = 0
+  while n < len(tokens) and text.startswith(tok.decode(tokens[:n + 1])):
+    n += 1
+  return tokens[:n], text
 
 
 async def _settle():
