@@ -1,8 +1,9 @@
 """Orbax checkpoints of the whole train state, and finding the newest one that is intact.
 
-A checkpoint holds `state` (step, params, optimizer) and `meta` (the config, the parameter
-hash, what wrote it). The data position needs no field of its own: batches are a pure
-function of the step. Saves are asynchronous; Orbax only lists a step once it has committed,
+A checkpoint holds `state` (step, params, optimizer) and `meta` (the config, the data's
+identity, the mesh layout, and how many rows each epoch of the data plan held, so a resume
+need not plan the epochs behind it). The data position needs no field of its own: batches
+are a pure function of the step. Saves are asynchronous; Orbax only lists a step once it has committed,
 so a process killed mid-save leaves nothing that restore would pick up.
 
 Block parameters are stacked over a leading layers axis. Checkpoints written before that

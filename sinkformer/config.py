@@ -3,6 +3,8 @@ ones that cannot work, before compiling."""
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import math
 
 import ml_collections
@@ -81,8 +83,8 @@ def merged(base_dict: dict, override: dict) -> dict:
 def define_config_flag(fv: flags.FlagValues, argv: list[str]):
   """`--config=experiments/x.py[:presets]` with `--config.a.b=v` overrides found in argv."""
   config_flags.DEFINE_config_file(
-      "config", None, "experiment config: experiments/NAME.py[:presets]; override fields "
-      "with --config.a.b=v", flag_values=fv, lock_config=True, sys_argv=argv)
+      "config", None, "experiment config: experiments/NAME.py[:presets]; override a field "
+      "with --config.SECTION.FIELD=VALUE ('sinkformer config show' lists them)", flag_values=fv, lock_config=True, sys_argv=argv)
 
 
 def load(spec: str, overrides: tuple[str, ...] = ()):
@@ -99,6 +101,42 @@ def load(spec: str, overrides: tuple[str, ...] = ()):
     return fv.config
   except PARSE_ERRORS as e:
     raise UserError(f"cannot load config {spec!r}: {one_line(e)}") from None
+
+
+def fields(cfg, prefix: str = "") -> dict:
+  """Every leaf of a config as "section.field" -> value."""
+  out = {}
+  for key, value in cfg.items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      out.update(fields(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def unknown_field(spec: str, overrides: list[str]) -> str | None:
+  """The first `--config.a.b=v` override naming no field of `spec`'s config, said with the
+  nearest fields (or those of its section); None when every override names one."""
+  known = fields(load(spec))
+  for override in overrides:
+    name = override.removeprefix("--config.").split("=")[0]
+    if name in known or any(k.startswith(name + ".") for k in known):
+      continue
+    near = difflib.get_close_matches(name, known, n=4, cutoff=0.6) or \
+        [k for k in known if k.split(".")[0] == name.split(".")[0]][:12]
+    return (f"unknown config field {name!r}" + (f"; nearest: {', '.join(near)}" if near else
+            f"; sections: {', '.join(sorted({k.split('.')[0] for k in known}))}") +
+            " ('sinkformer config show --config FILE' lists them all)")
+  return None
+
+
+def presets_of(spec: str) -> dict:
+  """The PRESETS an experiment file defines ({} if none)."""
+  path = spec.split(":")[0]
+  module_spec = importlib.util.spec_from_file_location("_experiment", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return dict(getattr(module, "PRESETS", {}))
 
 
 def apply_presets(c, arg: str | None, known: dict):
@@ -212,7 +250,8 @@ def validate(cfg, num_devices: int) -> tuple[int, ...]:
   _require(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
            f"{t.grad_accum} must divide train.batch_size={t.batch_size}")
   _require(0 <= t.warmup_steps < t.steps, "train.warmup_steps",
-           f"{t.warmup_steps} must be in 0..train.steps-1={t.steps - 1}")
+           f"{t.warmup_steps} must be in 0..train.steps-1={t.steps - 1}: with fewer steps, "
+           f"lower it too (--config.train.warmup_steps={t.steps // 5})")
   for field in ("backbone_lr_scale", "backbone_decay_scale"):
     _require(t[field] >= 0, f"train.{field}", f"must be >= 0, got {t[field]}")
   _require(t.sync in ("micro", "step"), "train.sync", f"{t.sync!r} is not 'micro' or 'step'")

@@ -3,7 +3,7 @@ train state, the forward pass under any sink mode, feeding host rows to the mesh
 `load_run` (a trained run from disk, on any devices).
 
 Training (train/trainer.py), serving, generation, GCG, post-hoc fine-tuning and
-`checkpoint info` all import this module; only `sinkformer train` imports the trainer.
+`checkpoint info` all import this module.
 """
 
 from __future__ import annotations

@@ -28,7 +28,15 @@ def test_help_lists_every_command():
     (("train", "--config", "experiments/quickstart.py"), "--workdir is required"),
     (("train", "--config", "experiments/nope.py", "--workdir", "x"), "nope.py"),
     (("train", "--config", "experiments/quickstart.py", "--workdir", "x",
-      "--config.model.d_modle=3"), 'Did you mean "d_model"'),
+      "--config.model.d_modle=3"), "unknown config field 'model.d_modle'; nearest: model.d_model"),
+    (("train", "--config=experiments/quickstart.py", "--workdir", "x", "--config.trian.steps=3"),
+     "nearest: train.steps"),
+    (("train", "--config", "experiments/quickstart.py", "--workdir", "x",
+      "--config.train.steps=5"), "--config.train.warmup_steps=1"),
+    (("train", "--config", "experiments/quickstart.py", "--workdir", "README.md"),
+     "--workdir README.md is a file"),
+    (("sources", "list", "--run", "/nonexistent/run"), "--run /nonexistent/run does not exist"),
+    (("config", "show"), "--config is required"),
     (("train", "--config", "experiments/quickstart.py", "--workdir", "x",
       "--config.sinks.k=9999"), "config.sinks.k:"),
     (("train", "--config", "experiments/quickstart.py", "--workdir", "x",
@@ -116,7 +124,9 @@ def test_data_prepare_info_and_train_on_it(tmp_path):
   assert out.returncode == 0, out.stderr
   assert "40 documents" in out.stdout and "5 sources (by group)" in out.stdout
   info = cli("data", "info", "--data", str(tmp_path / "p"))
-  assert info.returncode == 0 and info.stdout.splitlines()[0] == out.stdout.splitlines()[-5]
+  assert info.returncode == 0 and info.stdout.splitlines()[0] in out.stdout.splitlines()
+  assert f"next: sinkformer train --config experiments/quickstart.py --workdir runs/NAME " \
+      f"--config.data.corpus={tmp_path / 'p'}" in out.stdout
   run = cli("train", "--config", "experiments/quickstart.py:smoke", "--workdir", str(tmp_path / "r"),
             f"--config.data.corpus={tmp_path / 'p'}", "--config.data.val_sources=1",
             "--config.train.steps=3", "--config.train.eval_every=0")
@@ -156,3 +166,76 @@ def test_bench_devices_compares_one_device_with_eight():
   assert env_cli.returncode == 0, env_cli.stderr
   result = json.loads(env_cli.stdout.strip().splitlines()[-1])
   assert result["devices"] == 8 and result["step_s_1"] > 0 and result["step_s_8"] > 0
+
+
+def test_help_is_grouped_hyphenated_and_free_of_absl_boilerplate():
+  out = cli("generate", "--help")
+  assert out.returncode == 0
+  text = out.stdout
+  assert text.startswith("usage: sinkformer generate --run DIR --prompt TEXT")
+  assert text.index("required:") < text.index("  --run DIR") < text.index("options:")
+  assert "--max-tokens N" in text and "--max_tokens" not in text
+  for noise in ("flagfile", "undefok", "sinkformer.cli", "absl"):
+    assert noise not in text
+
+
+def test_config_show_lists_presets_and_every_resolved_field():
+  from sinkformer import config
+  out = cli("config", "show", "--config", "experiments/quickstart.py:smoke",
+            "--config.train.lr=0.01")
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  assert any(l.startswith("#   smoke: model.d_model=64") for l in lines)
+  shown = {l[2:].split(" = ")[0].strip(): l for l in lines if " = " in l and not l.startswith("#")}
+  assert set(shown) == set(config.fields(config.load("experiments/quickstart.py:smoke")))
+  assert shown["train.lr"].startswith("*") and "(base: 0.002)" in shown["train.lr"]
+  assert shown["model.d_model"].startswith("*") and shown["seed"].startswith(" ")
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "has no documents with text"),
+    (b"\n  \n" + b'{"key": "a", "text": "   "}\n', "has no documents with text"),
+    (b"\x1f\x8b\x08\x00" + bytes(range(256)), "is not text (it holds NUL bytes)"),
+])
+def test_prepare_refuses_empty_and_binary_corpora_clearly(content, needle, tmp_path):
+  (tmp_path / "c.jsonl").write_bytes(content)
+  out = cli("data", "prepare", "--corpus", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "p"))
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert needle in out.stderr.strip().splitlines()[-1]
+  assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()
+
+
+def test_run_commands_refuse_what_cannot_work_and_say_the_fix(trained_run, tmp_path):
+  import shutil
+  run = tmp_path / "run"
+  shutil.copytree(trained_run, run)
+  capacity = cli("sources", "capacity", "--run", str(run), "--sample", "5000")
+  assert capacity.returncode == 0, capacity.stderr
+  rows = [l.split() for l in capacity.stdout.splitlines()[1:]]
+  assert rows and all(int(r[0].replace(",", "")) >= 0 for r in rows)
+  assert all(0 <= float(x) <= 1 for r in rows for x in r[1:5])
+  assert "40 retained sources measured" in capacity.stdout   # half of the 80 active ones
+  for prompt, needle in (("", "give a prompt with text"),
+                         ("Balo Barsk " * 100, "does not fit: the model's context is 128")):
+    out = cli("generate", "--run", str(run), "--prompt", prompt)
+    assert out.returncode == 2 and needle in out.stderr, out.stderr
+  assert cli("unlearn", "--run", str(run), "--reason", "test", "person-7").returncode == 0
+  out = cli("export", "--run", str(run), "--mode", "source:person-7", "--out", str(tmp_path / "hf"))
+  assert out.returncode == 2 and "it cannot be exported" in out.stderr, out.stderr
+
+
+def test_train_reports_its_compile_time_and_what_to_run_next(tmp_path):
+  out = cli("train", "--config", "experiments/quickstart.py:smoke", "--workdir", str(tmp_path),
+            "--config.train.steps=2", "--config.train.warmup_steps=0",
+            "--config.train.eval_every=0")
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  assert "compiling the train step ..." in lines
+  compiled = [l for l in lines if l.startswith("compiled in ")]
+  assert compiled and lines.index(compiled[0]) < next(i for i, l in enumerate(lines)
+                                                      if l.startswith("step "))
+  assert "and 16 held out for evaluation (ids 65-80)" in out.stdout
+  assert lines[-2].startswith("done: 2 steps, loss ") and str(tmp_path) in lines[-2]
+  assert lines[-1] == (f"next: sinkformer generate --run {tmp_path} --prompt TEXT | sinkformer "
+                       f"serve --run {tmp_path} | sinkformer unlearn --run {tmp_path} --reason "
+                       "WHY SOURCE")

@@ -12,7 +12,7 @@ import pytest
 def test_story_runs_every_phase_and_resumes(tmp_path):
   env = {**os.environ, "SINKFORMER_DATA": str(tmp_path / "data")}
   args = [sys.executable, "-m", "sinkformer", "story", "--config", "experiments/quickstart.py:smoke",
-          "--workdir", str(tmp_path / "s"), "--people", "40", "--forget", "4", "--steps", "2"]
+          "--workdir", str(tmp_path / "s"), "--people", "40", "--forget-count", "4", "--attack-steps", "2"]
   out = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   for phase in ("train null", "train oracle", "train dense", "post-hoc npo", "post-hoc ga",

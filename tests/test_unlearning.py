@@ -266,7 +266,7 @@ def test_unlearn_and_generate_commands(fresh_run):
   listed = cli("sources", "list", "--run", fresh_run, "--status", "unlearned")
   assert listed.stdout.splitlines()[0] == "78 active, 2 unlearned"
   gen = cli("generate", "--run", fresh_run, "--prompt", "Balo Barsk", "--mode", "backbone",
-            "--max_new", "4")
+            "--max-tokens", "4")
   assert gen.returncode == 0 and "[backbone -> no sinks, policy exclude]" in gen.stdout
   refused = cli("generate", "--run", fresh_run, "--prompt", "x", "--mode", "source:person-4")
   assert refused.returncode == 2 and "has been unlearned" in refused.stderr

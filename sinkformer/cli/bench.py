@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from sinkformer.cli.common import run_flag
+from sinkformer.cli.common import Command, run_flag
 from sinkformer.config import define_config_flag
 
 
@@ -144,38 +144,52 @@ def _bench_unlearn(fv):
 
 
 COMMANDS = {
-    "bench sinks": ("time the NULL train step against the equal-size dense control",
-                    _bench_flags, lambda fv: _bench(fv, "sinks"), ("config",)),
-    "bench devices": ("time the train step on one device against all devices (set "
-                      "JAX_NUM_CPU_DEVICES=8 to simulate 8 on a CPU)", _bench_flags,
-                      lambda fv: _bench(fv, "devices"), ("config",)),
-    "bench stream": ("tokens/s of the data pipeline per reader thread count, against the "
-                     "train step (--config) or on prepared data (--data)", _stream_flags,
-                     _stream, ()),
-    "bench scale": ("prepare a generated corpus of millions of sources; memory, catalog "
-                    "lookups, first batch", _scale_flags, _scale, ("dir",)),
-    "bench checkpoint": ("time an async checkpoint save against the train step",
-                         _bench_flags, lambda fv: _bench(fv, "checkpoint"), ("config",)),
-    "bench mfu": ("compile seconds, first step, step time, tokens/s and MFU of the NULL and "
-                  "the dense control on synthetic rows of the config's shape (JSON line too)",
-                  _bench_flags, lambda fv: _bench(fv, "mfu"), ("config",)),
-    "bench attention": ("forward+backward time of each attention backend this platform runs, "
-                        "on packed rows of the config's heads", _attention_flags, _attention,
-                        ("config",)),
-    "bench memory": ("per remat policy: memory per device per micro-batch row (XLA's "
-                     "analysis) and the largest micro-batch this device holds",
-                     _memory_flags, _memory, ("config",)),
-    "bench generate": ("generation tokens/s with the KV cache against without",
-                       _bench_run_flags, _bench_generate, ("run",)),
-    "bench route": ("routing top-1 accuracy: each surviving source's title routed back to it",
-                    lambda fv, argv: run_flag(fv), _bench_route, ("run",)),
-    "bench probes": ("seconds to score N probe facts under one condition (batched)",
-                     _bench_probes_flags, _bench_probes, ("run", "facts")),
-    "bench serve": ("load test of a 'sinkformer serve' process with HTTP and CLI unlearns "
-                    "and clients that hang up: latency, tokens/s, 5xx, and tokens sent from "
-                    "a source after its unlearn returned (must be 0)", _serve_flags, _serve,
-                    ("run",)),
-    "bench unlearn": ("unlearn latency, request to effect on the next generation",
-                      _bench_unlearn_flags, _bench_unlearn, ("run",)),
+    "bench sinks": Command(
+        "time the NULL train step against the equal-size dense control",
+        flags=_bench_flags, action=lambda fv: _bench(fv, "sinks"), required=("config",)),
+    "bench devices": Command(
+        "time the train step on one device against all devices (set "
+        "JAX_NUM_CPU_DEVICES=8 to simulate 8 on a CPU)",
+        flags=_bench_flags, action=lambda fv: _bench(fv, "devices"), required=("config",)),
+    "bench stream": Command(
+        "tokens/s of the data pipeline per reader thread count, against the "
+        "train step (--config) or on prepared data (--data)",
+        flags=_stream_flags, action=_stream, required=()),
+    "bench scale": Command(
+        "prepare a generated corpus of millions of sources; memory, catalog "
+        "lookups, first batch",
+        flags=_scale_flags, action=_scale, required=("dir",)),
+    "bench checkpoint": Command(
+        "time an async checkpoint save against the train step",
+        flags=_bench_flags, action=lambda fv: _bench(fv, "checkpoint"), required=("config",)),
+    "bench mfu": Command(
+        "compile seconds, first step, step time, tokens/s and MFU of the NULL and "
+        "the dense control on synthetic rows of the config's shape (JSON line too)",
+        flags=_bench_flags, action=lambda fv: _bench(fv, "mfu"), required=("config",)),
+    "bench attention": Command(
+        "forward+backward time of each attention backend this platform runs, "
+        "on packed rows of the config's heads",
+        flags=_attention_flags, action=_attention, required=("config",)),
+    "bench memory": Command(
+        "per remat policy: memory per device per micro-batch row (XLA's "
+        "analysis) and the largest micro-batch this device holds",
+        flags=_memory_flags, action=_memory, required=("config",)),
+    "bench generate": Command(
+        "generation tokens/s with the KV cache against without",
+        flags=_bench_run_flags, action=_bench_generate, required=("run",)),
+    "bench route": Command(
+        "routing top-1 accuracy: each surviving source's title routed back to it",
+        flags=lambda fv, argv: run_flag(fv), action=_bench_route, required=("run",)),
+    "bench probes": Command(
+        "seconds to score N probe facts under one condition (batched)",
+        flags=_bench_probes_flags, action=_bench_probes, required=("run", "facts")),
+    "bench serve": Command(
+        "load test of a 'sinkformer serve' process with HTTP and CLI unlearns "
+        "and clients that hang up: latency, tokens/s, 5xx, and tokens sent from "
+        "a source after its unlearn returned (must be 0)",
+        flags=_serve_flags, action=_serve, required=("run",)),
+    "bench unlearn": Command(
+        "unlearn latency, request to effect on the next generation",
+        flags=_bench_unlearn_flags, action=_bench_unlearn, required=("run",)),
 
 }

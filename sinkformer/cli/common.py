@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 from absl import flags
 
 from sinkformer.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """One `sinkformer` command: what it does (the help line), how it defines its flags
+  (`flags(fv, argv)`), what runs it (`action(fv)`, or `action(fv, positional)` when it takes
+  `args`), and the flags it cannot run without."""
+  summary: str
+  flags: Callable
+  action: Callable
+  required: tuple[str, ...] = ()
+  args: str | None = None   # the positional arguments it takes, e.g. "SOURCE..."
 
 
 def run_flag(fv):

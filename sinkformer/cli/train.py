@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from absl import flags
 
+from sinkformer.cli.common import Command
 from sinkformer.config import define_config_flag
 
 
@@ -18,23 +19,32 @@ def _train_flags(fv, argv):
 
 
 def _train(fv):
+  import jax
   from sinkformer.parallel import distributed
   from sinkformer.train import trainer
   distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id)
-  trainer.train(fv.config, fv.workdir)
+  _, history = trainer.train(fv.config, fv.workdir)
+  if jax.process_index() == 0:
+    last = [h for h in history if "loss" in h and "split" not in h][-1:]
+    print(f"done: {fv.config.train.steps} steps" + (f", loss {last[0]['loss']:.4f}" if last else "")
+          + f"; the run (checkpoints, metrics.jsonl, tb/) is {fv.workdir}\n"
+          f"next: sinkformer generate --run {fv.workdir} --prompt TEXT | sinkformer serve "
+          f"--run {fv.workdir} | sinkformer unlearn --run {fv.workdir} --reason WHY SOURCE")
 
 
 def _story_flags(fv, argv):
   _train_flags(fv, argv)
   flags.DEFINE_integer("people", 400, "articles in the generated encyclopedia", flag_values=fv)
-  flags.DEFINE_integer("forget", 20, "sources to unlearn", flag_values=fv)
-  flags.DEFINE_integer("steps", 10, "post-hoc and relearning steps", flag_values=fv)
+  flags.DEFINE_integer("forget_count", 20, "how many sources to unlearn (drawn at random)",
+                       flag_values=fv)
+  flags.DEFINE_integer("attack_steps", 10, "steps of the post-hoc baselines and of the "
+                       "relearning attack", flag_values=fv)
 
 
 def _story(fv):
   from sinkformer.eval import story
-  story.run(fv.config, fv.workdir, fv.people, fv.forget, posthoc_steps=fv.steps,
-            relearn_steps=fv.steps)
+  story.run(fv.config, fv.workdir, fv.people, fv.forget_count, posthoc_steps=fv.attack_steps,
+            relearn_steps=fv.attack_steps)
 
 
 def _sweep_flags(fv, argv):
@@ -96,18 +106,23 @@ def _plan(fv):
 
 
 COMMANDS = {
-    "story": ("the whole experiment: encyclopedia, NULL, retrain oracle, dense control, "
-              "post-hoc baselines, unlearning, and every measurement side by side",
-              _story_flags, _story, ("config", "workdir")),
-    "sweep": ("the regime map: per grid point the NULL, its retrain oracle and the dense "
-              "control, trained and measured; one page of where sink-off forgets like a retrain",
-              _sweep_flags, _sweep, ("config", "workdir")),
-    "train": ("train a NULL (or the dense control) from an experiment config",
-              _train_flags, _train, ("config", "workdir")),
-    "plan": ("parameters, FLOPs/token and per-device memory of a config's mesh, before "
-             "renting hardware (plus XLA's analysis when enough devices exist)",
-             _plan_flags, _plan, ("config",)),
-    "checkpoint info": ("step, config summary, parameter count and parameter hash of a "
-                        "checkpoint (restored on one CPU)", _checkpoint_info_flags,
-                        _checkpoint_info, ("checkpoint",)),
+    "story": Command(
+        "the whole experiment: encyclopedia, NULL, retrain oracle, dense control, "
+        "post-hoc baselines, unlearning, and every measurement side by side",
+        flags=_story_flags, action=_story, required=("config", "workdir")),
+    "sweep": Command(
+        "the regime map: per grid point the NULL, its retrain oracle and the dense "
+        "control, trained and measured; one page of where sink-off forgets like a retrain",
+        flags=_sweep_flags, action=_sweep, required=("config", "workdir")),
+    "train": Command(
+        "train a NULL (or the dense control) from an experiment config",
+        flags=_train_flags, action=_train, required=("config", "workdir")),
+    "plan": Command(
+        "parameters, FLOPs/token and per-device memory of a config's mesh, before "
+        "renting hardware (plus XLA's analysis when enough devices exist)",
+        flags=_plan_flags, action=_plan, required=("config",)),
+    "checkpoint info": Command(
+        "step, config summary, parameter count and parameter hash of a "
+        "checkpoint (restored on one CPU)",
+        flags=_checkpoint_info_flags, action=_checkpoint_info, required=("checkpoint",)),
 }

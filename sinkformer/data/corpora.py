@@ -184,4 +184,9 @@ def read(spec: str, counts: Counts, skip_bad: bool = False, tfds_dir: str | None
                     "data fetch'")
   if spec.endswith((".xml", ".xml.bz2")):
     return read_mediawiki(spec, counts)
+  with where.open("rb") as f:   # a binary file would fail line by line, or be skipped whole
+    if b"\0" in f.read(1 << 16):
+      raise UserError(f"corpus {spec!r} is not text (it holds NUL bytes): a corpus file is JSONL, "
+                      'one {"key": ..., "text": ...} object per line (a compressed file: '
+                      "decompress it first)")
   return read_jsonl(spec, counts, skip_bad)

@@ -363,7 +363,9 @@ def _builtin(cfg) -> Data:
   sources = [(int(i), f"person-{i}", synthetic.title(doc, words), None, 1, len(doc))
              for c in (train, val) for doc, i in zip(c.docs, c.sources)]
   return Data(Batches([seen], [1.0], cfg.train.batch_size), seen, unseen, need,
-              {"corpus": "builtin"}, f"built-in corpus, {d.num_sources} sources",
+              {"corpus": "builtin"}, f"built-in corpus, {d.num_sources} sources to train on (ids 1-"
+              f"{d.num_sources}) and {d.val_sources} held out for evaluation (ids "
+              f"{d.num_sources + 1}-{d.num_sources + d.val_sources})",
               sources=sources)
 
 
@@ -434,7 +436,9 @@ def load(cfg, log=print) -> Data:
                         "with --tokenizer of the first)")
     if docs.vocab_size > cfg.model.vocab_size:
       raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the "
-                        f"tokenizer of {docs.path} ({docs.vocab_size})")
+                        f"tokenizer of {docs.path} ({docs.vocab_size}): train with "
+                        f"--config.model.vocab_size={docs.vocab_size}, or prepare the corpus "
+                        f"again with --vocab_size={cfg.model.vocab_size}")
     keep, held = _selection(docs, cfg)
     stream = DocStream(docs, keep, d.seq_len, d.max_docs_per_row, cfg.seed)
     if i == 0:
@@ -486,6 +490,10 @@ def _selection(docs: DocSet, cfg) -> tuple[np.ndarray, np.ndarray]:
   # very sources its model held out, and trains on the model's documents minus the forget set.
   candidates = np.setdiff1d(ids, held)
   count = min(d.val_sources, len(candidates) - 1)
+  if count > len(candidates) // 2:   # e.g. 64 of a 6-book corpus: training on 1 book
+    raise ConfigError("data.val_sources", f"{d.val_sources} held-out sources would leave "
+                      f"{len(candidates) - count} of {len(ids)} to train on; set it to at most "
+                      f"{len(candidates) // 2} (half), or name them with data.holdout")
   drawn = np.random.default_rng((d.seed, 1)).choice(candidates, count, replace=False)
   held = np.concatenate([held, drawn])
   is_held = np.isin(docs.source_ids, held)

@@ -255,6 +255,9 @@ def _prepare(read, path, corpus, tmp, tokenizer, journal, workers, log) -> dict:
     with _pool(workers, settings["skip_bad"]) as pool, contextlib.closing(_ordered(
         pool, _pieces, _chunks(path, lambda: read(corpora.Counts()), 0, size), workers)) as parts:
       lines = tok_lib.sample_pieces((p for _, p in parts), settings["seed"])
+    if not lines:
+      raise UserError(f"{corpus} has no documents with text: nothing to train a tokenizer on "
+                      "(every line blank, empty or skipped as malformed)")
     tok = tok_lib.train(lines, settings["vocab_size"], model_path)
     del lines
   journal["tokenizer"] = tok.sha256

@@ -31,7 +31,7 @@ def candidates(server: serving.Server, text: str, named=(), top_m: int = 64,
     scores = np.asarray(query @ np.asarray(server.router.vectors).T)[0]
     scores[~alive] = -np.inf
     ids = server.router.ids[np.argsort(-scores)[:top_m]]
-  named = [server.board.active(ref)["id"] for ref in named]
+  named = [server.board.active(ref, "credited")["id"] for ref in named]
   return np.unique(np.concatenate([ids, np.asarray(named, ids.dtype)])).astype(np.int32)
 
 

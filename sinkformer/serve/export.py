@@ -152,7 +152,7 @@ def export(run_dir: str, mode: str, out: str, step: int | None = None,
       raise UserError(f"unknown policy {policy!r}; expected one of {serving.POLICIES}")
     source = None
     if mode.startswith("source:"):
-      source = board.active(mode.split(":", 1)[1])     # refuses an unlearned source, by any name
+      source = board.active(mode.split(":", 1)[1], "exported")     # refuses an unlearned source, by any name
     elif mode != "backbone":
       raise UserError(f"--mode {mode!r}: export needs a fixed mode, {FIXED_MODES} (route and "
                       "placebo pick a source per query)")

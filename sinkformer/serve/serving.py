@@ -246,8 +246,15 @@ class Server:
   def generate(self, texts: list[str], mode: str = "route",
                sampling: generate.Sampling = generate.Sampling(), seed: int = 0,
                use_cache: bool = True) -> list[dict]:
-    sources, gate_mode = self.sources_for(texts, mode)
+    if not texts or any(not t.strip() for t in texts):
+      raise UserError("give a prompt with text (--prompt 'TEXT'): the model continues it, and "
+                      "route mode picks the source from it")
+    sources, gate_mode = self.sources_for(texts, mode)   # an unlearned source: refused first
     prompts = [self.encode(t) for t in texts]
+    longest, context = max(map(len, prompts)), self.cfg.data.seq_len
+    if longest >= context:   # BOS takes one place of the context the model was trained on
+      raise UserError(f"a prompt of {longest} tokens does not fit: the model's context is "
+                      f"{context} tokens with BOS; shorten it to at most {context - 1}")
     out = generate.sample(self.setup, self.params, prompts, sources, self.exclusion(), sampling,
                           gate_mode, seed, use_cache, self.tokenizer.eos,
                           self.tokenizer.vocab_size)
@@ -291,9 +298,12 @@ def capacity(run_dir: str, counts: list[int], sample: int = 512, seed: int = 0) 
   unlearned = board.unlearned_ids()
   active = np.asarray([r["id"] for r in board.page("active", 0, 2**31)], np.int32)
   board.close()
+  if not len(active):
+    raise UserError(f"every source of {run_dir} is unlearned: no retained source to measure")
   rng = np.random.default_rng(seed)
   order = np.concatenate([unlearned, rng.permutation(active)]).astype(np.int32)
-  counts = sorted({min(c, len(order) - sample) for c in counts} | {len(unlearned)})
+  sample = min(sample, max(1, len(active) // 2))   # half the active ones may still be unlearned
+  counts = sorted({max(0, min(c, len(order) - sample)) for c in counts} | {len(unlearned)})
   retained = rng.choice(order[max(counts):], min(sample, len(order) - max(counts)), replace=False)
   layer_masks = jax.jit(lambda ids: jnp.stack([
       sinks.pool_mask(spec.mlp, spec.seed, sinks.MLP_SALT, spec.exact, ids, layer)
@@ -310,5 +320,6 @@ def capacity(run_dir: str, counts: list[int], sample: int = 512, seed: int = 0) 
     lost = ((mine & union[:, None, :]).sum(-1) / np.maximum(mine.sum(-1), 1)).mean(0)
     rows.append({"unlearned": n, "expected": 1 - (1 - spec.mlp.k / spec.mlp.size) ** n,
                  "mean": float(lost.mean()), "p95": float(np.percentile(lost, 95)),
-                 "max": float(lost.max()), "now": n == len(unlearned)})
+                 "max": float(lost.max()), "now": n == len(unlearned),
+                 "retained": len(retained)})
   return rows

@@ -221,15 +221,15 @@ class Switchboard:
     with self._guard():
       return self.catalog.resolve(refs, all_matching)
 
-  def active(self, ref) -> dict:
-    """The one source `ref` names, if it may be served; a Refused error if it was unlearned.
-    A reference to several sources (a group, a shared title) is refused too: a mode serves
-    one source."""
+  def active(self, ref, use: str = "served") -> dict:
+    """The one source `ref` names, if it may be `use`d (served, exported, ...); a Refused
+    error if it was unlearned. A reference to several sources (a group, a shared title) is
+    refused too: a mode serves one source."""
     rows = self.resolve([ref])
     gone = [r for r in rows if r["status"] != "active"]
     if gone:
       raise Refused(f"source {ref!r} has been unlearned (request "
-                    f"{self.last_request(gone[0]['id'])}); it cannot be served")
+                    f"{self.last_request(gone[0]['id'])}); it cannot be {use}")
     if len(rows) > 1:
       raise UserError(f"{ref!r} names {len(rows)} sources; a mode serves one (name it by id:N "
                       "or key:K)")

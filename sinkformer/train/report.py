@@ -43,6 +43,12 @@ class Reporter:
       from tqdm import tqdm
       self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True)
 
+  def started(self):
+    """The clock of the bar's rate and ETA starts here (after compiling, not before)."""
+    if self.active and self.bar is not None:
+      self.bar.reset(self.bar.total)
+      self.bar.update(self.bar.initial)   # reset() forgets where a resume started
+
   def line(self, text: str):
     if not self.active:
       return

@@ -302,8 +302,12 @@ def _train(cfg, workdir: str, devices=None, stop=()):
                 f"{peak / 1e9:.0f} GFLOP/s ({peak_src})")
   example = engine.put_batch(setup, {f: np.zeros((len(rows), d.seq_len), np.int32)
                                      for f in pipeline.FIELDS}, rows)
+  reporter.line("compiling the train step ...")
+  compile_start = time.perf_counter()
   train_fn = compile_train_step(setup, state, example)
   eval_fn = compile_eval_step(setup, state["params"], example) if t.eval_every else None
+  reporter.line(f"compiled in {time.perf_counter() - compile_start:.1f} s")
+  reporter.started()
 
   history, pending, data_time = [], [], 0.0
   meta = {"config": json.loads(cfg.to_json()), "data": data.identity,
