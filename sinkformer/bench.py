@@ -48,6 +48,7 @@ def _compiled(cfg, devices=None):
   """(setup, fresh state, first batch, compiled train step) for a config."""
   setup = engine.build(cfg, devices)
   state = engine.init_state(setup, cfg.seed)
+  pipeline.prepare(cfg)
   batch = engine.put_batch(setup, pipeline.load(cfg).train.batch(0))
   return setup, state, batch, trainer.compile_train_step(setup, state, batch)
 
@@ -204,6 +205,7 @@ def stream(cfg=None, rounds: int = 30, steps_per_round: int = 4, data: str | Non
                                rows)
     summary = f"{docs.origin}: {len(docs.lengths):,} documents, batches of {rows}x{seq_len}"
   else:
+    pipeline.prepare(cfg)
     d = pipeline.load(cfg)
     batches, summary = d.train, d.summary
   print(f"data: {summary}")

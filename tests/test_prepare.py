@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sinkformer.data import catalog as catalog_lib, corpora, fetch, pipeline, prepare, rdata
+from sinkformer.data import records as records_lib
 from sinkformer.data import tokenizer
 from sinkformer.errors import ConfigError, UserError
 from sinkformer.train import trainer
@@ -48,7 +49,7 @@ def test_prepare_writes_records_catalog_manifest(prepared):
   docs = pipeline.open_prepared(str(out))
   cat = catalog_lib.Catalog(str(out / "catalog.sqlite"))
   for i in (0, 17, 59):
-    source_id, tokens = prepare.decode_record(records[i])
+    source_id, tokens = records_lib.decode(records[i])
     assert source_id == docs.source_ids[i]
     assert cat.get(source_id)["key"] == f"e{i}" and source_id == i + 1   # ids in first-seen order
     assert tokens[0] == tokenizer.BOS and tokens[-1] == tokenizer.EOS
@@ -68,7 +69,7 @@ def test_records_read_from_many_shards_by_many_threads(tmp_path):
   docs = pipeline.open_prepared(str(tmp_path / "out"))
   order = np.random.default_rng(0).permutation(50)   # across shards, back and forth
   for i, tokens in zip(order, docs.read(order)):
-    np.testing.assert_array_equal(tokens, prepare.decode_record(records[int(i)])[1])
+    np.testing.assert_array_equal(tokens, records_lib.decode(records[int(i)])[1])
   make = lambda: pipeline.Batches([pipeline.DocStream(pipeline.open_prepared(
       str(tmp_path / "out")), None, 64, 4, seed=0)], [1.0], 4)
   reference = make()
@@ -319,7 +320,10 @@ def test_a_tfds_text_dataset_is_a_corpus(tmp_path, smoke_cfg):
   smoke_cfg.data.update(corpus="tfds:tiny_wiki:train", tfds_dir=str(tmp_path / "tfds"),
                         dir=str(tmp_path / "data"), val_sources=4)
   smoke_cfg.model.vocab_size = 320
-  d = pipeline.load(smoke_cfg, log=lambda _: 0)   # prepared once into data.dir/prepared
+  with pytest.raises(UserError, match="is not prepared; training prepares it"):
+    pipeline.load(smoke_cfg, log=lambda _: 0)   # opening never prepares
+  pipeline.prepare(smoke_cfg, log=lambda _: 0)   # once, into data.dir/prepared
+  d = pipeline.load(smoke_cfg, log=lambda _: 0)
   out = pipeline.prepared_dir("tfds:tiny_wiki:train", smoke_cfg)
   cat = catalog_lib.Catalog(f"{out}/catalog.sqlite")
   assert len(cat) == 30 and cat.get("1007")["title"] == "Entity 7"
@@ -343,6 +347,7 @@ def test_a_mixture_of_raw_corpora_shares_the_first_tokenizer(tmp_path, smoke_cfg
   b = write_jsonl(tmp_path / "b.jsonl", n=20, seed=1)
   smoke_cfg.data.update(corpus=f"{a}@3,{b}@1", dir=str(tmp_path / "data"), val_sources=4)
   smoke_cfg.model.vocab_size = 300
+  pipeline.prepare(smoke_cfg, log=lambda _: 0)
   d = pipeline.load(smoke_cfg, log=lambda _: 0)
   assert d.train.quota.tolist() == [6, 2]
   first, second = d.identity["corpora"]

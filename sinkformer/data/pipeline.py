@@ -25,7 +25,8 @@ import grain
 import numpy as np
 
 from sinkformer import storage
-from sinkformer.data import catalog as catalog_lib, fetch, prepare as prepare_lib, synthetic
+from sinkformer.data import catalog as catalog_lib, fetch, prepare as prepare_lib, records
+from sinkformer.data import synthetic
 from sinkformer.data import tokenizer as tok_lib
 from sinkformer.errors import ConfigError, UserError
 
@@ -61,6 +62,9 @@ def open_prepared(origin: str, reader: str = "arrayrecord", id_offset: int = 0) 
   except OSError:
     raise UserError(f"{path} is not prepared data (no manifest.json); run 'sinkformer data "
                     f"prepare --corpus ... --out {path}'") from None
+  if manifest.get("format") != records.FORMAT:
+    raise UserError(f"{path} holds records of format {manifest.get('format')!r}; this version "
+                    f"reads {records.FORMAT!r}: prepare the corpus again")
   index = np.load(os.path.join(path, "documents.npz"))
   if reader == "arrayrecord":
     read = Shards([os.path.join(path, s) for s in manifest["shards"]]).read
@@ -107,7 +111,7 @@ class Shards:
     readers, out = self._readers(), []
     for s, at in zip(shard.tolist(), (indices - self.starts[shard]).tolist()):
       readers[s].seek(at)
-      out.append(prepare_lib.decode_record(readers[s].read(), copy=False)[1])
+      out.append(records.decode(readers[s].read(), copy=False)[1])
     return out
 
 
@@ -378,22 +382,47 @@ def prepared_dir(spec: str, cfg, tokenizer: str | None = None) -> str:
   return os.path.join(d.dir or fetch.default_data_dir(), "prepared", f"{name}-{d.source_by}-{tok}")
 
 
-def _ensure_prepared(spec: str, cfg, log, tokenizer: str | None = None) -> str:
-  """A prepared directory for `spec`, preparing a raw corpus the first time it is used."""
+def prepare(cfg, log=print):
+  """Prepare every raw corpus the config names that is not prepared yet (the explicit step
+  before training: `load` only opens prepared data). Later corpora of a mixture are
+  tokenized with the first one's tokenizer."""
+  import jax
+  shared = None
+  for spec, _ in _raw_specs(cfg, lambda *_: None):   # load says it
+    out = _prepared(spec, cfg, shared)
+    if not (storage.path(out) / "manifest.json").exists():
+      if jax.process_index() == 0:
+        log(f"data: preparing {spec} into {out} (once)")
+        prepare_lib.prepare(spec, out, vocab_size=cfg.model.vocab_size, tokenizer=shared,
+                            source_by=cfg.data.source_by, data_dir=cfg.data.dir or None,
+                            tfds_dir=cfg.data.tfds_dir or None, log=log)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"prepare {out}")
+    shared = shared or os.path.join(out, "tokenizer.model")
+
+
+def _prepared(spec: str, cfg, tokenizer: str | None) -> str:
+  """Where `spec`'s prepared data is: itself if it is prepared data, else the trainer's own
+  preparation of it (prepared_dir)."""
   if (storage.path(spec) / "manifest.json").exists():
     return spec
-  out = prepared_dir(spec, cfg, tokenizer)
-  if not os.path.exists(os.path.join(out, "manifest.json")):
-    import jax
-    if jax.process_index() == 0:
-      log(f"data: preparing {spec} into {out} (once)")
-      prepare_lib.prepare(spec, out, vocab_size=cfg.model.vocab_size, tokenizer=tokenizer,
-                          source_by=cfg.data.source_by, data_dir=cfg.data.dir or None,
-                          tfds_dir=cfg.data.tfds_dir or None, log=log)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices(f"prepare {out}")
-  return out
+  return prepared_dir(spec, cfg, tokenizer)
+
+
+def _raw_specs(cfg, log) -> list[tuple[str, float]]:
+  """The (spec, weight) corpora of a config; none for the built-in corpus (or its fallback)."""
+  d = cfg.data
+  specs = _corpus_specs(d.corpus)
+  first = specs[0][0]
+  if first == "builtin":
+    return []
+  if first in fetch.CORPORA and d.fallback == "builtin" and not os.path.exists(
+      fetch.corpus_path(first, d.dir or None)):
+    log(f"data: {first} has not been fetched ('sinkformer data fetch {first}'); training on the "
+        "built-in synthetic corpus instead")
+    return []
+  return specs
 
 
 def _corpus_specs(value: str) -> list[tuple[str, float]]:
@@ -408,24 +437,22 @@ def _corpus_specs(value: str) -> list[tuple[str, float]]:
 
 
 def load(cfg, log=print) -> Data:
-  """The data a config names: built-in, a fetched corpus, a raw corpus, prepared data, or a
-  weighted mixture `a@3,b@1` (source ids of later corpora are offset past earlier ones)."""
+  """The data a config names, opened: built-in, a fetched or raw corpus once prepared (see
+  `prepare`), prepared data, or a weighted mixture `a@3,b@1` (source ids of later corpora
+  are offset past earlier ones). Never prepares: an unprepared corpus is an error."""
   d = cfg.data
-  specs = _corpus_specs(d.corpus)
-  first = specs[0][0]
-  if first == "builtin":
+  specs = _raw_specs(cfg, log)
+  if not specs:
     return _builtin(cfg)
-  if first in fetch.CORPORA and d.fallback == "builtin" and not os.path.exists(
-      fetch.corpus_path(first, d.dir or None)):
-    log(f"data: {first} has not been fetched ('sinkformer data fetch {first}'); training on the "
-        "built-in synthetic corpus instead")
-    return _builtin(cfg)
-
   streams, identity, offset, hashes = [], {"corpora": []}, 0, set()
   for i, (spec, weight) in enumerate(specs):
-    # later raw corpora of a mixture are tokenized with the first corpus' tokenizer
     shared = os.path.join(streams[0].docs.path, "tokenizer.model") if streams else None
-    docs = open_prepared(_ensure_prepared(spec, cfg, log, shared), d.reader, offset)
+    where = _prepared(spec, cfg, shared)
+    if not (storage.path(where) / "manifest.json").exists():
+      raise UserError(f"data: {spec} is not prepared; training prepares it, or run 'sinkformer "
+                      f"data prepare --corpus {spec} --out DIR' and pass "
+                      "--config.data.corpus=DIR")
+    docs = open_prepared(where, d.reader, offset)
     m = docs.manifest
     hashes.add(m["tokenizer"]["sha256"])
     if d.tokenizer_hash and m["tokenizer"]["sha256"] != d.tokenizer_hash:

@@ -33,7 +33,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import struct
 import threading
 import time
 
@@ -41,25 +40,13 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from sinkformer import storage
-from sinkformer.data import catalog as catalog_lib, corpora, fetch, tokenizer as tok_lib
+from sinkformer.data import catalog as catalog_lib, corpora, fetch, records as records_lib
+from sinkformer.data import tokenizer as tok_lib
 from sinkformer.errors import UserError
 
-FORMAT = "sinkformer-records-v1"   # little-endian int32 [source_id, tokens...]
 CHUNK = 4096                       # documents per catalog transaction and per worker task
 SHARD_CHUNKS = 65536               # ArrayRecord chunks per shard
 JOURNAL = "progress.json"
-
-
-def encode_record(source_id: int, tokens: bytes) -> bytes:
-  """A shard record: the source id, then the tokens, little-endian int32 (`tokens` already
-  encoded so: the workers encode them, the catalog assigns the id)."""
-  return struct.pack("<i", source_id) + tokens
-
-
-def decode_record(blob: bytes, copy: bool = True) -> tuple[int, np.ndarray]:
-  """(source id, tokens); copy=False returns a read-only view of `blob`."""
-  values = np.frombuffer(blob, "<i4")
-  return int(values[0]), values[1:].astype(np.int32) if copy else values[1:]
 
 
 def resolve_corpus(spec: str, data_dir: str | None) -> str:
@@ -111,7 +98,7 @@ def prepare_local(corpus: str, out: str, *, vocab_size: int = 8192,
               "tokenizer": tok_lib.load(tokenizer).sha256 if tokenizer else None,
               "source_by": source_by, "skip_bad": skip_bad,
               "shard_docs": shard_docs or SHARD_CHUNKS * group_size, "group_size": group_size,
-              "seed": seed, "format": FORMAT, "journal": 2}
+              "seed": seed, "format": records_lib.FORMAT, "journal": 2}
   tmp = out.rstrip("/") + ".partial"
   journal = _read_journal(tmp)
   if journal and journal["settings"] == settings:
@@ -230,7 +217,7 @@ def _encode(task):
   digest = hashlib.sha256()
   for d in docs:
     digest.update(json.dumps(d[:4]).encode())
-  return ([(d[0], d[1], d[2], d[4]) for d in docs], [t.astype("<i4").tobytes() for t in encoded],
+  return ([(d[0], d[1], d[2], d[4]) for d in docs], [records_lib.encode_tokens(t) for t in encoded],
           [len(t) for t in encoded], digest.digest(), sum(len(d[3].encode()) for d in docs),
           counts)
 
@@ -303,7 +290,7 @@ def _write(read, path, corpus, tmp, tok, cat, journal, workers, size, log, start
                                    f"group_size:{settings['group_size']}")
         shard_hash, shard_sources, shard_lengths = hashlib.sha256(), [], []
       for source_id, record in zip(ids, records):
-        writer.write(encode_record(source_id, record))
+        writer.write(records_lib.encode(source_id, record))
       shard_hash.update(digest)
       shard_sources += ids
       shard_lengths += lengths
@@ -338,7 +325,7 @@ def _write(read, path, corpus, tmp, tok, cat, journal, workers, size, log, start
   np.savez(os.path.join(tmp, "documents.npz"), source_ids=sources, lengths=lengths)
   corpus_hash = hashlib.sha256("".join(s["sha256"] for s in journal["shards"]).encode())
   manifest = {
-      "format": FORMAT, "shards": shards, "group_size": settings["group_size"],
+      "format": records_lib.FORMAT, "shards": shards, "group_size": settings["group_size"],
       "shard_documents": [s["documents"] for s in journal["shards"]],
       "documents": int(ordinal), "tokens": int(lengths.sum()), "sources": len(cat),
       "source_by": settings["source_by"],
@@ -390,7 +377,7 @@ def write_tfds(directory: str, shards: list[str]) -> dict:
 
     def _generate_examples(self):
       for i in range(len(records)):
-        source_id, tokens = decode_record(records[i])
+        source_id, tokens = records_lib.decode(records[i])
         yield i, {"source_id": source_id, "tokens": tokens}
 
   builder = SinkformerRecords(data_dir=os.path.join(directory, "tfds"), file_format="array_record")

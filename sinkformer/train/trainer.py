@@ -263,6 +263,7 @@ def _train(cfg, workdir: str, devices=None, stop=()):
   setup = engine.build(cfg, devices)
   t, d = cfg.train, cfg.data
   say = lambda text: jax.process_index() == 0 and print(text, flush=True)
+  pipeline.prepare(cfg, say)   # a raw corpus the first time (load only opens)
   data = pipeline.load(cfg, say)
   rows = engine.process_rows(setup)
 
