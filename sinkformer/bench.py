@@ -368,7 +368,8 @@ def unlearning(run_dir: str, catalog: str | None = None, requests: int = 200,
   mask the server passes in), one source at a time, then one batch of `batch` sources. With
   `catalog`, a scratch copy of the run uses that catalog (e.g. 6M sources)."""
   import shutil
-  from sinkformer.serve import serving, switchboard
+  from sinkformer.run import switchboard
+  from sinkformer.serve import serving
   with tempfile.TemporaryDirectory() as tmp:
     shutil.copy(os.path.join(run_dir, "config.json"), tmp)
     os.symlink(os.path.abspath(os.path.join(run_dir, "checkpoints")), os.path.join(tmp, "checkpoints"))

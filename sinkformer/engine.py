@@ -1,6 +1,6 @@
 """What every user of a model needs, and only that: a config built on a mesh (`Setup`), its
-train state, the forward pass under any sink mode, feeding host rows to the mesh, and
-`load_run` (a trained run from disk, on any devices).
+train state, the forward pass under any sink mode, and feeding host rows to the mesh. A
+trained run on disk is read by run/directory.py.
 
 Training (train/trainer.py), serving, generation, GCG, post-hoc fine-tuning and
 `checkpoint info` all import this module.
@@ -18,8 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sinkformer import checkpoint, config as config_lib, privacy, storage
-from sinkformer.errors import UserError
+from sinkformer import config as config_lib, privacy
 from sinkformer.model import sinks, transformer
 from sinkformer.parallel import mesh as mesh_lib
 
@@ -169,30 +168,6 @@ def put_batch(setup: Setup, local: dict, rows: np.ndarray | None = None) -> dict
   return {k: put(v) for k, v in local.items()}
 
 
-def load_config(run_dir: str):
-  """A run's config.json over the base config: fields added since the run was made (the
-  `unlearn` and `eval` sections, execution choices) get their defaults."""
-  try:
-    raw = json.loads((storage.path(run_dir) / "config.json").read_text())
-  except OSError:
-    raise UserError(f"{run_dir} is not a sinkformer run (no config.json)") from None
-  return ml_collections.ConfigDict(config_lib.merged(config_lib.base().to_dict(), raw))
-
-
-def trained_config(run_dir: str):
-  """(config, data identity) of a run, with data.corpus pinned to what it really trained on
-  (a fallback or a corpus prepared by the trainer)."""
-  cfg = load_config(run_dir)
-  ckpts, step = checkpoint.locate(storage.checkpoints_of(run_dir))
-  identity = ckpts.meta(step).get("data", {"corpus": "builtin"})
-  ckpts.close()
-  if identity.get("corpus") == "builtin":
-    cfg.data.corpus = "builtin"
-  elif len(identity["corpora"]) == 1:
-    cfg.data.corpus = identity["corpora"][0]["path"]
-  return cfg, identity
-
-
 _SETUPS: dict[str, Setup] = {}
 
 
@@ -207,40 +182,3 @@ def single_device_setup(cfg) -> Setup:
   if key not in _SETUPS:
     _SETUPS[key] = build(cfg, jax.devices()[:1])
   return _SETUPS[key]
-
-
-@dataclasses.dataclass
-class Run:
-  """A trained run restored for use: its config, Setup, checkpoint step, state and metadata."""
-  dir: str | None   # None: restored from a bare checkpoint directory
-  cfg: object
-  setup: Setup
-  step: int
-  state: dict
-  meta: dict
-
-  @property
-  def params(self):
-    return self.state["params"]
-
-  @property
-  def identity(self) -> dict:
-    """What data the run trained on (tokenizer and catalog hashes, corpus paths)."""
-    return self.meta.get("data", {"corpus": "builtin"})
-
-
-def load_run(path: str, step: int | None = None, devices=None) -> Run:
-  """A run restored for use, onto `devices` (default: one device, whatever mesh it was
-  trained on). `path` is a run directory (its newest checkpoint, or `step`) or a
-  checkpoint directory `.../checkpoints[/STEP]` (config from the checkpoint's metadata)."""
-  is_run = (storage.path(path) / "config.json").exists()
-  where = storage.checkpoints_of(path) if is_run else path
-  ckpts, step = checkpoint.locate(f"{where.rstrip('/')}/{step}" if step is not None else where)
-  try:
-    cfg = (load_config(path) if is_run else ml_collections.ConfigDict(
-        config_lib.merged(config_lib.base().to_dict(), ckpts.meta(step)["config"])))
-    setup = single_device_setup(cfg) if devices is None else build(cfg, devices)
-    state, meta = ckpts.restore(step, abstract_state(setup))
-  finally:
-    ckpts.close()
-  return Run(path if is_run else None, cfg, setup, step, state, meta)

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from sinkformer.errors import UserError
-from sinkformer.serve import http, journal, load, switchboard
+from sinkformer.run import journal, switchboard
+from sinkformer.serve import http, load
 
 TOKEN = "a-test-token-of-some-length"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -370,7 +371,7 @@ def test_kill_9_of_a_server_mid_unlearns_loses_no_acknowledged_one(run):
 
 KILLED = """
 import sys
-from sinkformer.serve import switchboard
+from sinkformer.run import switchboard
 run, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 b = switchboard.Switchboard(run)
 for i in range(first, first + count):

@@ -11,7 +11,8 @@ import pytest
 
 from sinkformer import config, engine
 from sinkformer.errors import UserError
-from sinkformer.serve import export, serving, switchboard
+from sinkformer.run import switchboard
+from sinkformer.serve import export, serving
 from sinkformer.train import trainer
 
 

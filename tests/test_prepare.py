@@ -204,7 +204,8 @@ def test_train_on_prepared_data_and_refuse_other_data(prepared, smoke_cfg, tmp_p
   assert len(held[held > 0]) == 8 and not np.intersect1d(held[held > 0], seen).size
 
   # serving a run on prepared text: SentencePiece prompts, router over its sources, refusals
-  from sinkformer.serve import serving, switchboard
+  from sinkformer.run import switchboard
+  from sinkformer.serve import serving
   server = serving.Server(str(tmp_path / "run"))
   # the router chooses among the sources the run trained on: never a held-out one
   np.testing.assert_array_equal(np.sort(server.router.ids), d.trained_sources())

@@ -145,9 +145,9 @@ def test_attribution_credits_the_source_whose_sinks_learned_the_text(run, tmp_pa
   server = serving.Server(run)
   row = server.board.catalog.get("person-7")
   # the run's own article about person 7: its sinks explain it best
-  from sinkformer import engine
   from sinkformer.data import pipeline
-  data = pipeline.load(engine.trained_config(run)[0])
+  from sinkformer.run import directory
+  data = pipeline.load(directory.trained_config(run)[0])
   doc = serving.source_openings(data, [row["id"]])[0]
   text = server.tokenizer.decode(doc)
   got = attribution.attribute(server, text, top=5)

@@ -16,7 +16,7 @@ from etils.epath import backend
 from sinkformer import storage
 from sinkformer.data import pipeline, prepare
 from sinkformer.errors import UserError
-from sinkformer.serve import switchboard
+from sinkformer.run import switchboard
 from sinkformer.train import trainer
 
 

@@ -53,6 +53,18 @@ def test_points_parse_and_apply_to_the_right_sections():
   assert active(sweep.point_config(cfg, {"sinks.num": 480})[0]) == active(centre)
 
 
+def test_the_scale_map_plots_its_source_axis_and_no_variant():
+  scale = config.load("experiments/scale.py")
+  rows = []
+  for spec in scale.sweep.points:
+    label, overrides = sweep.parse_point(spec)
+    rows.append({"point": label, "corpus": "encyclopedia", "source_size": 1,
+                 "overrides": overrides})
+  plotted = {r["point"] for r in sweep.along_sources(rows)}
+  assert {"400 x7", "400 x1.5", "1600 x7", "6400 x1.5", "20000 x1.5"} <= plotted
+  assert not any("dp" in p or "one a row" in p for p in plotted)   # layout variants are not
+
+
 @pytest.mark.slow
 def test_smallest_grid_trains_measures_and_resumes(tmp_path):
   env = {**os.environ, "SINKFORMER_DATA": str(tmp_path / "data")}

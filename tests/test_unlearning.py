@@ -17,7 +17,8 @@ from sinkformer import config
 from sinkformer.data import catalog
 from sinkformer.errors import UserError
 from sinkformer.model import sinks, transformer
-from sinkformer.serve import generate, serving, switchboard
+from sinkformer.run import switchboard
+from sinkformer.serve import generate, serving
 from sinkformer.train import trainer
 
 
@@ -124,7 +125,7 @@ def test_search_matches_its_text_literally(tmp_path):
 
 CRASH = """
 import sys
-from sinkformer.serve import switchboard
+from sinkformer.run import switchboard
 b = switchboard.Switchboard(sys.argv[1])
 ids = [r["id"] for r in b.page("active", 0, 10**9)]
 for start in range(0, len(ids), 10000):

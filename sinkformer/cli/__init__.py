@@ -87,15 +87,16 @@ def run(argv) -> int:
 
 def _check_directories(fv):
   """Paths that cannot work, said before anything heavy is imported: a run that is not
-  there, a directory flag that names a file."""
+  there, a directory flag that names a file. (A missing checkpoint step is said where the
+  steps that exist are known.)"""
   for flag in DIRECTORIES:
     where = fv[flag].value if flag in fv else None
     if not where or storage.is_remote(where):
       continue
     if os.path.isfile(where):
       raise UserError(f"--{flag.replace('_', '-')} {where} is a file; name a directory")
-    if flag in ("run", "checkpoint") and not os.path.exists(where):
-      raise UserError(f"--{flag} {where} does not exist (a run directory is what "
+    if flag == "run" and not os.path.exists(where):
+      raise UserError(f"--run {where} does not exist (a run directory is what "
                       f"'{PROG} train --workdir DIR' writes)")
 
 

@@ -18,11 +18,10 @@ def _oracle_flags(fv, argv):
 def _oracle(fv):
   """The retrain oracle: the run's own config, seed and data order, minus the forget set."""
   import os
-  from sinkformer import engine
   from sinkformer.data import pipeline
-  from sinkformer.serve import switchboard
+  from sinkformer.run import directory, switchboard
   from sinkformer.train import trainer
-  cfg, identity = engine.trained_config(fv.run)   # the very data the run trained on
+  cfg, identity = directory.trained_config(fv.run)   # the very data the run trained on
   rows = switchboard.Switchboard(fv.run).resolve(pipeline.parse_refs(fv.forget))
   builtin = identity.get("corpus") == "builtin"
   os.makedirs(fv.workdir, exist_ok=True)

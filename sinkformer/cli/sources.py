@@ -40,7 +40,7 @@ def _in_force(result) -> str:
 
 
 def _unlearn(fv, args):
-  from sinkformer.serve import switchboard
+  from sinkformer.run import switchboard
   board = switchboard.Switchboard(fv.run)
   try:
     result = board.unlearn(refs(args, fv.file), fv.reason, fv.who, fv.all_matching, fv.wait_s)
@@ -57,9 +57,8 @@ def _unlearn(fv, args):
 
 
 def _reactivate(fv, args):
-  from sinkformer import engine
-  from sinkformer.serve import switchboard
-  cfg = engine.load_config(fv.run)
+  from sinkformer.run import directory, switchboard
+  cfg = directory.load_config(fv.run)
   board = switchboard.Switchboard(fv.run)
   try:
     result = board.reactivate(refs(args, fv.file), fv.reason, fv.who,
@@ -72,9 +71,8 @@ def _reactivate(fv, args):
 
 
 def _rebuild(fv):
-  from sinkformer import engine
   from sinkformer.data import pipeline
-  from sinkformer.serve import switchboard
+  from sinkformer.run import directory, switchboard
   problems = switchboard.verify(fv.run)
   if not problems and not fv.force:
     print(f"{fv.run}: the switchboard and its ledger journal are intact and agree; nothing "
@@ -82,7 +80,7 @@ def _rebuild(fv):
     return
   for p in problems:
     print(f"found: {p}")
-  data = pipeline.load(engine.trained_config(fv.run)[0], log=lambda *_: None)
+  data = pipeline.load(directory.trained_config(fv.run)[0], log=lambda *_: None)
   got = switchboard.rebuild(fv.run, data.catalog, data.sources)
   print(f"rebuilt {fv.run}/{switchboard.FILE}: {got['requests']} ledgered request(s) replayed "
         f"({got['from_database_only']} found only in the old database, "
@@ -96,7 +94,7 @@ def _rebuild_flags(fv, argv):
 
 
 def _verify(fv):
-  from sinkformer.serve import switchboard
+  from sinkformer.run import switchboard
   problems = switchboard.verify(fv.run)
   if problems:
     raise UserError("; ".join(problems) + f". {switchboard.recovery(fv.run)}")
@@ -117,7 +115,7 @@ def _print_rows(rows):
 
 
 def _list(fv):
-  from sinkformer.serve import switchboard
+  from sinkformer.run import switchboard
   board = switchboard.Switchboard(fv.run)
   counts = board.counts()
   print(", ".join(f"{n:,} {status}" for status, n in sorted(counts.items())))
@@ -129,7 +127,7 @@ def _show_flags(fv, argv):
 
 
 def _show(fv, args):
-  from sinkformer.serve import switchboard
+  from sinkformer.run import switchboard
   board = switchboard.Switchboard(fv.run)
   for row in board.resolve(args, all_matching=True):   # showing every candidate is safe
     print(json.dumps(row))
@@ -144,7 +142,7 @@ def _search_flags(fv, argv):
 
 
 def _search(fv, args):
-  from sinkformer.serve import switchboard
+  from sinkformer.run import switchboard
   _print_rows(switchboard.Switchboard(fv.run).search(" ".join(args), fv.limit))
 
 

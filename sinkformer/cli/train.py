@@ -65,9 +65,10 @@ def _checkpoint_info_flags(fv, argv):
 
 def _checkpoint_info(fv):
   import os
-  from sinkformer import checkpoint, engine
+  from sinkformer import checkpoint
   from sinkformer.model import transformer
-  run = engine.load_run(fv.checkpoint)
+  from sinkformer.run import directory
+  run = directory.load_run(fv.checkpoint)
   m, s, identity = run.cfg.model, run.cfg.sinks, run.identity
   data = ("corpus builtin" if identity.get("corpus") == "builtin" else
           "corpora " + "+".join(os.path.basename(c["path"]) for c in identity.get("corpora", []))

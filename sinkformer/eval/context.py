@@ -28,11 +28,13 @@ import os
 import ml_collections
 import numpy as np
 
-from sinkformer import config, engine
+from sinkformer import config
+
 from sinkformer.data import pipeline
 from sinkformer.errors import UserError
 from sinkformer.eval import metrics
 from sinkformer.model import sinks
+from sinkformer.run import directory
 from sinkformer.serve import generate, serving
 
 
@@ -47,7 +49,7 @@ def load_facts(path: str) -> list[dict]:
 
 def settings(run_dir: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
   """The run's `eval` section with `section.field=value` overrides (e.g. gcg.steps=5)."""
-  e = engine.load_config(run_dir).eval
+  e = directory.load_config(run_dir).eval
   for item in overrides:
     path, eq, value = item.partition("=")
     section, _, field = path.partition(".")
@@ -120,7 +122,7 @@ class Context:
     return self._documents[cap]
 
   def seq_len(self) -> int:
-    return engine.load_config(self.run).data.seq_len
+    return directory.load_config(self.run).data.seq_len
 
   def forget_keys(self) -> set:
     return {r["key"] for r in self.scorer(self.run).server.board.resolve(self.forget)}
@@ -223,7 +225,7 @@ PREFIX = 32   # tokens of a document given as the prompt (extraction) or routing
 
 def load_data(run_dir: str) -> pipeline.Data:
   """The data a run trained on (its recorded corpus and selection)."""
-  cfg, _ = engine.trained_config(run_dir)
+  cfg, _ = directory.trained_config(run_dir)
   return pipeline.load(cfg, log=lambda _: None)
 
 

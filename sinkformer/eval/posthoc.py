@@ -23,6 +23,8 @@ import numpy as np
 import optax
 
 from sinkformer import checkpoint, engine
+
+from sinkformer.run import directory
 from sinkformer.errors import UserError
 from sinkformer.serve import generate
 
@@ -109,7 +111,7 @@ def save_run(source_run: str, out: str, params, step: int, note: dict):
   os.makedirs(out, exist_ok=True)
   for name in ("config.json", "sources.sqlite"):
     shutil.copy(os.path.join(source_run, name), out)
-  source = engine.load_run(source_run)
+  source = directory.load_run(source_run)
   ckpts = checkpoint.Checkpoints(os.path.join(out, "checkpoints"), every=1, keep=None)
   ckpts.save(step, {**source.state, "params": params}, {**source.meta, "posthoc": note},
              force=True)
@@ -125,7 +127,7 @@ def unlearn(run_dir: str, forget: list[str], method: str, steps: int, lr: float,
   > 0 replaces `steps` by that many passes over the forget documents."""
   from sinkformer.eval import context
   scorer = context.Scorer(run_dir, forget)
-  cfg, _ = engine.trained_config(run_dir)
+  cfg, _ = directory.trained_config(run_dir)
   data = context.load_data(run_dir)
   forget_docs, _ = context.documents(data, scorer.forget, cap=cfg.data.seq_len)
   if not forget_docs:

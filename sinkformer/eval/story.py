@@ -16,7 +16,8 @@ import os
 from sinkformer.data import encyclopedia, fetch
 from sinkformer.errors import UserError
 from sinkformer.eval import context, posthoc, suites
-from sinkformer.serve import serving, switchboard
+from sinkformer.run import switchboard
+from sinkformer.serve import serving
 from sinkformer.train import trainer
 
 # GCG on every condition costs minutes on 2 cores; the story takes a quick look.

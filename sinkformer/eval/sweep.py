@@ -389,14 +389,25 @@ def _plot(path: str, rows: list[dict]):
   plt.close(fig)
 
 
+# What a point along the number of sources may change besides the sources and passes: the
+# schedule's bookkeeping, never the model or the optimisation.
+ALONG_SOURCES = {"sweep.articles", "sweep.forget", "sweep.holdout", "train.steps",
+                 "train.warmup_steps", "train.eval_every", "train.checkpoint_every",
+                 "train.log_every", "seed"}
+
+
+def along_sources(rows: list[dict]) -> list[dict]:
+  """The points of a map that differ from its centre only in sources and passes."""
+  return [r for r in rows if r["corpus"] == "encyclopedia" and r["source_size"] == 1
+          and set(r["overrides"]) <= ALONG_SOURCES]
+
+
 def _plot_sources(path: str, rows: list[dict]):
   """The AUC gaps of sink-off and backbone against the number of sources (log axis), one
   line per number of passes (rounded), for the points that vary only those."""
   plt = context.pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  plain = [r for r in rows if r["corpus"] == "encyclopedia" and r["source_size"] == 1
-           and set(r["overrides"]) <= {"sweep.articles", "sweep.forget", "sweep.holdout",
-                                       "train.steps", "train.warmup_steps", "seed"}]
+  plain = along_sources(rows)
   for passes in sorted({round(r["passes"]) for r in plain}):
     group = sorted((r for r in plain if round(r["passes"]) == passes), key=lambda r: r["sources"])
     for cond, style in (("sink-off/exclude", "o-"), ("backbone", "s--")):

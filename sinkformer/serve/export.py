@@ -22,10 +22,12 @@ import shutil
 
 import numpy as np
 
-from sinkformer import checkpoint, engine
+from sinkformer import checkpoint
+
 from sinkformer.errors import UserError
 from sinkformer.model import sinks
-from sinkformer.serve import serving, switchboard
+from sinkformer.run import directory, switchboard
+from sinkformer.serve import serving
 
 FIXED_MODES = "backbone or source:REF"
 
@@ -144,7 +146,7 @@ def export(run_dir: str, mode: str, out: str, step: int | None = None,
   from safetensors.numpy import save_file
   if os.path.exists(out):
     raise UserError(f"{out} exists; export writes a new directory")
-  run = engine.load_run(run_dir, step)
+  run = directory.load_run(run_dir, step)
   board = switchboard.Switchboard(run_dir)
   try:
     policy = policy or run.cfg.unlearn.policy

@@ -50,7 +50,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sinkformer.data import catalog
 from sinkformer.errors import UserError
-from sinkformer.serve import serving, switchboard, worker as worker_lib
+from sinkformer.run import switchboard
+from sinkformer.serve import serving, worker as worker_lib
 
 MIN_TOKEN = 16
 TOKEN_ENV = "SINKFORMER_ADMIN_TOKEN"

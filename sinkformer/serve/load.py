@@ -30,7 +30,7 @@ import time
 import httpx
 import numpy as np
 
-from sinkformer.serve import switchboard
+from sinkformer.run import switchboard
 
 
 def _free_port() -> int:

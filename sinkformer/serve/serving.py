@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sinkformer import engine, storage
+from sinkformer import storage
+
 from sinkformer.data import pipeline, synthetic, tokenizer as tok_lib
 from sinkformer.errors import UserError
 from sinkformer.model import sinks, transformer
-from sinkformer.serve import generate, switchboard
+from sinkformer.run import directory, switchboard
+from sinkformer.serve import generate
 
 POLICIES = ("exclude", "route")
 OPENING = 64   # tokens of a source's first document that its router embedding reads
@@ -153,7 +155,7 @@ class Server:
 
   def __init__(self, run_dir: str, step: int | None = None, policy: str | None = None,
                router_text: str | None = None):
-    run = engine.load_run(run_dir, step)
+    run = directory.load_run(run_dir, step)
     self.run_dir, self.cfg, self.setup, self.step = run_dir, run.cfg, run.setup, run.step
     self.policy = policy or self.cfg.unlearn.policy
     self.router_text = router_text or self.cfg.unlearn.router
@@ -179,7 +181,7 @@ class Server:
                                                                   "trained"):
         self._router = Router(saved["ids"], saved["vectors"])
       else:   # candidates: the sources trained on (held-out sinks never learned anything)
-        data = pipeline.load(engine.trained_config(self.run_dir)[0], log=lambda *_: None)
+        data = pipeline.load(directory.trained_config(self.run_dir)[0], log=lambda *_: None)
         trained = set(data.trained_sources().tolist())
         rows = [r for r in self.board.page(None, 0, 2**31) if r["id"] in trained]
         ids = np.asarray([r["id"] for r in rows], np.int32)
@@ -290,7 +292,7 @@ def capacity(run_dir: str, counts: list[int], sample: int = 512, seed: int = 0) 
   """Fraction of retained sources' sinks that the exclude policy zeroes when n sources are
   unlearned: the run's actual unlearned sources first, then random active ones. `expected`
   is 1 - (1 - k/P)^n (independent uniform k-subsets)."""
-  cfg = engine.load_config(run_dir)
+  cfg = directory.load_config(run_dir)
   spec = sinks.SinkSpec.from_config(cfg)
   if spec is None:
     raise UserError(f"{run_dir} is the dense control: it has no sinks")

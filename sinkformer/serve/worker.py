@@ -34,7 +34,8 @@ import traceback
 import numpy as np
 
 from sinkformer.errors import UserError
-from sinkformer.serve import generate, presence, serving, switchboard
+from sinkformer.run import presence, switchboard
+from sinkformer.serve import generate, serving
 
 POLL_S = 0.02      # an idle worker folds the ledger this often
 RESTARTS = 3       # times a request may start again because of unlearning while it decoded

@@ -27,7 +27,7 @@ from sinkformer.data import pipeline
 from sinkformer.errors import Stopped, UserError
 from sinkformer.model import flops, sinks, transformer
 from sinkformer.parallel import mesh as mesh_lib
-from sinkformer.serve import switchboard
+from sinkformer.run import switchboard
 from sinkformer.train import report
 
 

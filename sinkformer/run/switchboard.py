@@ -33,7 +33,7 @@ import uuid
 from sinkformer import storage
 from sinkformer.data import catalog as catalog_lib
 from sinkformer.errors import UserError
-from sinkformer.serve import journal, presence
+from sinkformer.run import journal, presence
 
 FILE = "sources.sqlite"
 WAIT_S = 30.0   # how long an unlearn waits for live servers to put it in force
