@@ -14,6 +14,15 @@ def cli(*args, timeout=600):
                         text=True, timeout=timeout)
 
 
+def test_every_benchmark_is_one_registry_entry_and_one_command():
+  from sinkformer import bench
+  from sinkformer.cli import COMMANDS
+  assert {f"bench {name}" for name in bench.REGISTRY} == {c for c in COMMANDS if c.startswith("bench ")}
+  for name in bench.REGISTRY:
+    assert callable(bench.get(name))
+  assert all(f"`{name}`" in bench.__doc__ for name in bench.REGISTRY)
+
+
 def test_help_lists_every_command():
   from sinkformer.cli import COMMANDS
   out = cli("--help")
@@ -92,9 +101,10 @@ def test_bench_mfu_and_memory_print_their_figures():
 
 
 def test_synthetic_rows_are_packed_documents_of_random_sources():
-  from sinkformer import bench, config
+  from sinkformer import config
+  from sinkformer.bench import steps
   cfg = config.load("experiments/quickstart.py:smoke")
-  b = bench.synthetic_batch(cfg)
+  b = steps.synthetic_batch(cfg)
   assert b["tokens"].shape == (cfg.train.batch_size, cfg.data.seq_len)
   for row in range(cfg.train.batch_size):
     segs = b["segment_ids"][row]

@@ -11,7 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from sinkformer.serve import load, serving
+from sinkformer.bench import load
+from sinkformer.serve import serving
 
 openai = pytest.importorskip("openai", reason="pip install openai==3.63.0 (requirements.txt)")
 TOKEN = "a-test-token-of-some-length"

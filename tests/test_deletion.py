@@ -19,7 +19,8 @@ import pytest
 
 from sinkformer.errors import UserError
 from sinkformer.run import journal, switchboard
-from sinkformer.serve import http, load
+from sinkformer.bench import load
+from sinkformer.serve import http
 
 TOKEN = "a-test-token-of-some-length"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -5,7 +5,8 @@ oracle, which never saw them, does not."""
 import pytest
 
 from sinkformer import config
-from sinkformer.eval import context, story, suites
+from sinkformer.eval import context, suites
+from sinkformer.studies import story
 
 
 @pytest.mark.slow

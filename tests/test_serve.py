@@ -11,7 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from sinkformer import config
-from sinkformer.serve import http, load
+from sinkformer.bench import load
+from sinkformer.serve import http
 from sinkformer.train import trainer
 
 TOKEN = "a-test-token-of-some-length"

@@ -10,7 +10,7 @@ import pytest
 
 from sinkformer import config
 from sinkformer.errors import UserError
-from sinkformer.eval import story, sweep
+from sinkformer.studies import story, sweep
 
 
 def test_points_parse_and_apply_to_the_right_sections():

@@ -16,7 +16,7 @@ def _bench_flags(fv, argv):
 
 def _bench(fv, name):
   from sinkformer import bench
-  bench.BENCHES[name](fv.config, rounds=fv.rounds)
+  bench.get(name)(fv.config, rounds=fv.rounds)
 
 
 def _attention_flags(fv, argv):
@@ -29,7 +29,7 @@ def _attention_flags(fv, argv):
 
 def _attention(fv):
   from sinkformer import bench
-  bench.attention(fv.config, fv.rows, fv.length, fv.docs, fv.rounds)
+  bench.get("attention")(fv.config, fv.rows, fv.length, fv.docs, fv.rounds)
 
 
 def _memory_flags(fv, argv):
@@ -40,7 +40,7 @@ def _memory_flags(fv, argv):
 
 def _memory(fv):
   from sinkformer import bench
-  bench.memory(fv.config, tuple(int(r) for r in fv.rows))
+  bench.get("memory")(fv.config, tuple(int(r) for r in fv.rows))
 
 
 def _serve_flags(fv, argv):
@@ -57,9 +57,9 @@ def _serve_flags(fv, argv):
 
 def _serve(fv):
   import json
-  from sinkformer.serve import load
-  result = load.run(fv.run, fv.clients, fv.duration_s, fv.http_unlearns, fv.cli_unlearns,
-                    fv.max_tokens, fv.max_batch)
+  from sinkformer import bench
+  result = bench.get("serve")(fv.run, fv.clients, fv.duration_s, fv.http_unlearns,
+                              fv.cli_unlearns, fv.max_tokens, fv.max_batch)
   print(json.dumps({"bench": "serve", **result}))
 
 
@@ -82,7 +82,7 @@ def _stream(fv):
   from sinkformer.errors import UserError
   if (fv.config is None) == (fv.data is None):
     raise UserError("bench stream takes --config or --data (prepared data), one of them")
-  bench.stream(fv.config, rounds=fv.rounds, data=fv.data,
+  bench.get("stream")(fv.config, rounds=fv.rounds, data=fv.data,
                workers=[int(w) for w in fv.workers], rows=fv.rows, seq_len=fv.seq_len,
                max_docs=fv.max_docs)
 
@@ -97,7 +97,7 @@ def _scale_flags(fv, argv):
 
 def _scale(fv):
   from sinkformer import bench
-  bench.scale(fv.docs, fv.dir, group_size=fv.group_size)
+  bench.get("scale")(fv.docs, fv.dir, group_size=fv.group_size)
 
 
 def _bench_run_flags(fv, argv):
@@ -107,16 +107,12 @@ def _bench_run_flags(fv, argv):
 
 def _bench_generate(fv):
   from sinkformer import bench
-  bench.generation(fv.run, fv.rounds)
+  bench.get("generate")(fv.run, fv.rounds)
 
 
 def _bench_route(fv):
-  from sinkformer.serve import serving
-  for text in serving.ROUTER_TEXTS:
-    server = serving.Server(fv.run, router_text=text)
-    accuracy, n = serving.routing_accuracy(server, limit=10**9)
-    print(f"router on {text}: top-1 accuracy {accuracy:.3f} routing each surviving source's "
-          f"title back to it ({n:,} sources)")
+  from sinkformer import bench
+  bench.get("route")(fv.run)
 
 
 def _bench_probes_flags(fv, argv):
@@ -128,7 +124,7 @@ def _bench_probes_flags(fv, argv):
 
 def _bench_probes(fv):
   from sinkformer import bench
-  bench.probes(fv.run, fv.facts, fv.count)
+  bench.get("probes")(fv.run, fv.facts, fv.count)
 
 
 def _bench_unlearn_flags(fv, argv):
@@ -140,7 +136,7 @@ def _bench_unlearn_flags(fv, argv):
 
 def _bench_unlearn(fv):
   from sinkformer import bench
-  bench.unlearning(fv.run, fv.catalog, fv.requests)
+  bench.get("unlearn")(fv.run, fv.catalog, fv.requests)
 
 
 COMMANDS = {

@@ -20,6 +20,7 @@ def _oracle(fv):
   import os
   from sinkformer.data import pipeline
   from sinkformer.run import directory, switchboard
+  from sinkformer.studies import story
   from sinkformer.train import trainer
   cfg, identity = directory.trained_config(fv.run)   # the very data the run trained on
   rows = switchboard.Switchboard(fv.run).resolve(pipeline.parse_refs(fv.forget))
@@ -28,7 +29,7 @@ def _oracle(fv):
   listing = os.path.join(os.path.abspath(fv.workdir), "forget.txt")
   with open(listing, "w") as f:   # ids for the built-in corpus, keys for prepared corpora
     f.write("\n".join(f"id:{r['id']}" if builtin else f"key:{r['key']}" for r in rows) + "\n")
-  cfg.data.exclude = ",".join(filter(None, [cfg.data.exclude, "@" + listing]))
+  cfg = story.variant(cfg, "oracle", ["@" + listing])
   print(f"oracle: training {fv.workdir} without {len(rows)} source(s) (listed in {listing})")
   trainer.train(cfg, fv.workdir)
 

@@ -42,7 +42,7 @@ def _story_flags(fv, argv):
 
 
 def _story(fv):
-  from sinkformer.eval import story
+  from sinkformer.studies import story
   story.run(fv.config, fv.workdir, fv.people, fv.forget_count, posthoc_steps=fv.attack_steps,
             relearn_steps=fv.attack_steps)
 
@@ -53,7 +53,7 @@ def _sweep_flags(fv, argv):
 
 
 def _sweep(fv):
-  from sinkformer.eval import sweep
+  from sinkformer.studies import sweep
   sweep.run(fv.config, fv.workdir, fv.points)
   print(f"the regime map: {fv.workdir}/index.md")
 

@@ -32,11 +32,21 @@ def encyclopedia_data(cfg, enc: str, people: int, forget: int, holdout: int):
   """(`cfg` trained on a generated encyclopedia of `people` fictional people in `enc`, written
   once, whose last `holdout` people are held out as never-seen documents; the forget keys:
   the first `forget` people)."""
-  keys = [f"person-{i:06d}" for i in range(people)]
   if not os.path.exists(os.path.join(enc, "facts.jsonl")):
     _phase(f"encyclopedia: {people} fictional people")
     encyclopedia.write(enc, people, cfg.seed)
-  return on_corpus(cfg, os.path.join(enc, "corpus.jsonl"), keys[-holdout:]), keys[:forget]
+  forget_keys, holdout_keys = split_keys([f"person-{i:06d}" for i in range(people)], forget,
+                                         holdout)
+  return on_corpus(cfg, os.path.join(enc, "corpus.jsonl"), holdout_keys), forget_keys
+
+
+def split_keys(keys: list[str], forget: int, holdout: int) -> tuple[list[str], list[str]]:
+  """(the forget set, the never-seen set) of a generated corpus's source keys: the first
+  `forget` and the last `holdout`. Generated sources are drawn independently, so these are
+  as random a sample as any, and they stay the same as the corpus grows."""
+  if forget + holdout > len(keys):
+    raise UserError(f"forget {forget} + holdout {holdout} sources exceed the {len(keys)} there are")
+  return keys[:forget], keys[len(keys) - holdout:]
 
 
 def on_corpus(cfg, corpus: str, holdout_keys: list[str]):

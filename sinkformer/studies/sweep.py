@@ -31,8 +31,9 @@ import numpy as np
 
 from sinkformer.data import encyclopedia, fetch, probes
 from sinkformer.errors import UserError
-from sinkformer.eval import context, story, suites
+from sinkformer.eval import context, suites
 from sinkformer.serve import serving
+from sinkformer.studies import story
 
 SUITES = ("facts", "mia", "capability", "relearn")
 KS_LEVEL = 0.05      # "retrain-like" facts: KS p over per-source means >= 0.05
@@ -177,7 +178,8 @@ def corpus(c, s: dict, root: str):
       c.data.source_by = "group"
     path, facts = os.path.join(enc, "corpus.jsonl"), os.path.join(enc, "facts.jsonl")
     keys = list(dict.fromkeys(_records(path, "group" if size > 1 else "key")))
-    return story.on_corpus(c, path, keys[-holdout:]), keys[:forget], facts
+    forget_keys, holdout_keys = story.split_keys(keys, forget, holdout)
+    return story.on_corpus(c, path, holdout_keys), forget_keys, facts
   if s["corpus"] != "wiki-vital" or size != 1:
     raise UserError(f"sweep.corpus={s['corpus']!r} with source_size {size}: expected "
                     "encyclopedia, or wiki-vital with source_size 1")
