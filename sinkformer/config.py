@@ -14,6 +14,12 @@ from ml_collections import config_flags
 from sinkformer.errors import ConfigError, PARSE_ERRORS, UserError, one_line
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# The values a choice may take: validation, the CLI's flags and the code that acts on them
+# all read these.
+POLICIES = ("exclude", "route")            # unlearn.policy (serve/serving.py)
+ROUTER_TEXTS = ("title+opening", "title")  # unlearn.router
+SOURCE_BY = ("document", "group")          # data.source_by, `data prepare --source-by`
+READERS = ("arrayrecord", "tfds")          # data.reader (data/pipeline.py)
 # The masks an attacker may fine-tune through in the relearning attack (eval/attacks.py).
 RELEARN_MASKS = ("sink-off/exclude", "sink-off/route", "sink-on", "backbone")
 
@@ -235,16 +241,15 @@ def validate(cfg, num_devices: int) -> tuple[int, ...]:
            f"{s.attn_k} must be in 1..sinks.attn_heads={s.attn_heads}")
   _require(d.seq_len > 1, "data.seq_len", f"must be > 1, got {d.seq_len}")
   _require(d.max_docs_per_row >= 1, "data.max_docs_per_row", "must be >= 1")
-  _require(d.source_by in ("document", "group"), "data.source_by",
-           f"{d.source_by!r} is not 'document' or 'group'")
-  _require(d.reader in ("arrayrecord", "tfds"), "data.reader",
-           f"{d.reader!r} is not 'arrayrecord' or 'tfds'")
+  _require(d.source_by in SOURCE_BY, "data.source_by",
+           f"{d.source_by!r} is not one of {', '.join(SOURCE_BY)}")
+  _require(d.reader in READERS, "data.reader", f"{d.reader!r} is not one of {', '.join(READERS)}")
   _require(d.fallback in ("", "builtin"), "data.fallback", f"{d.fallback!r} is not '' or 'builtin'")
   _require(d.workers >= 1, "data.workers", f"must be >= 1, got {d.workers}")
-  _require(cfg.unlearn.policy in ("exclude", "route"), "unlearn.policy",
-           f"{cfg.unlearn.policy!r} is not 'exclude' or 'route'")
-  _require(cfg.unlearn.router in ("title+opening", "title"), "unlearn.router",
-           f"{cfg.unlearn.router!r} is not 'title+opening' or 'title'")
+  _require(cfg.unlearn.policy in POLICIES, "unlearn.policy",
+           f"{cfg.unlearn.policy!r} is not one of {', '.join(POLICIES)}")
+  _require(cfg.unlearn.router in ROUTER_TEXTS, "unlearn.router",
+           f"{cfg.unlearn.router!r} is not one of {', '.join(ROUTER_TEXTS)}")
   validate_eval(cfg.eval)
   _require(t.steps > 0, "train.steps", f"must be positive, got {t.steps}")
   _require(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",

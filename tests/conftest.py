@@ -1,5 +1,6 @@
 import os
 import pathlib
+import shutil
 
 import pytest
 
@@ -26,3 +27,12 @@ def trained_run(tmp_path_factory):
   path = tmp_path_factory.mktemp("trained_run")
   trainer.train(cfg, str(path))
   return str(path)
+
+
+@pytest.fixture
+def fresh_run(trained_run, tmp_path):
+  """A copy of `trained_run` that a test may change (unlearn, serve): without the router
+  cache and live-server records a use of the original may have left."""
+  shutil.copytree(trained_run, tmp_path / "run",
+                  ignore=shutil.ignore_patterns("router.npz", "servers"))
+  return str(tmp_path / "run")

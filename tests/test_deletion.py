@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,9 +27,8 @@ MODES = ("route", "placebo", "backbone")
 
 
 @pytest.fixture
-def run(trained_run, tmp_path):
-  shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("servers"))
-  return str(tmp_path / "run")
+def run(fresh_run):
+  return fresh_run
 
 
 def cli(*args, env=None, timeout=300):

@@ -3,34 +3,21 @@
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
 from fastapi.testclient import TestClient
 
-from sinkformer import config
 from sinkformer.bench import load
 from sinkformer.serve import http
-from sinkformer.train import trainer
 
 TOKEN = "a-test-token-of-some-length"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  cfg = config.load("experiments/quickstart.py:smoke")
-  cfg.train.update(steps=40, eval_every=0, log_every=20, checkpoint_every=40)
-  path = tmp_path_factory.mktemp("run")
-  trainer.train(cfg, str(path))
-  return path
-
-
 @pytest.fixture
-def run(trained, tmp_path):
-  shutil.copytree(trained, tmp_path / "run")
-  return str(tmp_path / "run")
+def run(fresh_run):
+  return fresh_run
 
 
 def client(run, token=TOKEN, **limits):
@@ -131,8 +118,8 @@ def test_without_a_token_unlearning_over_http_is_off(run):
 
 
 @pytest.mark.slow
-def test_load_real_server_sends_nothing_from_a_source_after_its_unlearn_returned(trained):
-  got = load.run(str(trained), clients=12, duration_s=8, http_unlearns=1, cli_unlearns=1,
+def test_load_real_server_sends_nothing_from_a_source_after_its_unlearn_returned(fresh_run):
+  got = load.run(fresh_run, clients=12, duration_s=8, http_unlearns=1, cli_unlearns=1,
                  max_tokens=8, max_batch=8, log=lambda *_: None)
   assert got["tokens_after_unlearn"] == 0 and got["lost_ledger_entries"] == 0
   assert got["server_errors"] == 0 and got["ok"] > 0

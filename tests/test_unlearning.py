@@ -13,30 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sinkformer import config
 from sinkformer.data import catalog
 from sinkformer.errors import UserError
 from sinkformer.model import sinks, transformer
 from sinkformer.run import switchboard
 from sinkformer.serve import generate, serving
-from sinkformer.train import trainer
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  cfg = config.load("experiments/quickstart.py:smoke")
-  cfg.train.update(steps=40, eval_every=0, log_every=20, checkpoint_every=40)
-  path = tmp_path_factory.mktemp("run")
-  trainer.train(cfg, str(path))
-  return str(path)
-
-
-@pytest.fixture
-def fresh_run(run_dir, tmp_path):
-  """A copy of the trained run whose switchboard a test may change."""
-  import shutil
-  shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("router.npz"))
-  return str(tmp_path / "run")
 
 
 def board_of(tmp_path, n=30, groups=3):

@@ -105,9 +105,10 @@ def probes(run_dir: str, facts_path: str, count: int = 1000) -> dict:
 
 def routing(run_dir: str) -> dict:
   """Top-1 accuracy of routing each surviving source's title back to it, per router text."""
+  from sinkformer import config as config_lib
   from sinkformer.serve import serving
   result = {"bench": "route"}
-  for text in serving.ROUTER_TEXTS:
+  for text in config_lib.ROUTER_TEXTS:
     accuracy, n = serving.routing_accuracy(serving.Server(run_dir, router_text=text),
                                            limit=10**9)
     print(f"router on {text}: top-1 accuracy {accuracy:.3f} routing each surviving source's "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from absl import flags
 
+from sinkformer import config as config_lib
 from sinkformer.cli.common import Command
 from sinkformer.errors import UserError
 
@@ -34,7 +35,7 @@ def _prepare_flags(fv, argv):
                        flag_values=fv)
   flags.DEFINE_string("tokenizer", None, "reuse this tokenizer.model instead of training one "
                       "(corpora mixed in one run must share it)", flag_values=fv)
-  flags.DEFINE_enum("source_by", "document", ["document", "group"], "one source per document, "
+  flags.DEFINE_enum("source_by", "document", list(config_lib.SOURCE_BY), "one source per document, "
                     "or per group (e.g. a book = all its chapters)", flag_values=fv)
   flags.DEFINE_boolean("skip_bad", False, "skip and count malformed JSONL lines instead of "
                        "stopping at the first", flag_values=fv)

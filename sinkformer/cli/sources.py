@@ -7,6 +7,7 @@ import json
 
 from absl import flags
 
+from sinkformer import config as config_lib
 from sinkformer.cli.common import Command, refs, run_flag
 from sinkformer.errors import UserError
 
@@ -168,7 +169,7 @@ def _generate_flags(fv, argv):
   run_flag(fv)
   flags.DEFINE_multi_string("prompt", None, "prompt text (repeat for a batch)", flag_values=fv)
   flags.DEFINE_string("mode", "route", "route | source:KEY | backbone | placebo", flag_values=fv)
-  flags.DEFINE_enum("policy", None, ["exclude", "route"], "override the run's unlearn.policy",
+  flags.DEFINE_enum("policy", None, list(config_lib.POLICIES), "override the run's unlearn.policy",
                     flag_values=fv)
   flags.DEFINE_integer("max_tokens", 32, "tokens to generate at most (as the server's "
                        "max_tokens)", flag_values=fv)
@@ -195,7 +196,7 @@ def _serve_flags(fv, argv):
   flags.DEFINE_string("token_file", None, "file holding the bearer token that /v1/unlearn and "
                       "/v1/reactivate require (or set SINKFORMER_ADMIN_TOKEN); without one "
                       "those routes stay off", flag_values=fv)
-  flags.DEFINE_enum("policy", None, ["exclude", "route"], "override the run's unlearn.policy",
+  flags.DEFINE_enum("policy", None, list(config_lib.POLICIES), "override the run's unlearn.policy",
                     flag_values=fv)
   flags.DEFINE_integer("max_batch", 32, "prompts decoded together (1: one at a time)",
                        flag_values=fv)
@@ -229,7 +230,7 @@ def _export_flags(fv, argv):
   flags.DEFINE_enum("format", "hf", ["hf"], "hf: Hugging Face LlamaForCausalLM (config.json, "
                     "model.safetensors, tokenizer)", flag_values=fv)
   flags.DEFINE_string("out", None, "the export directory (must not exist)", flag_values=fv)
-  flags.DEFINE_enum("policy", None, ["exclude", "route"], "override the run's unlearn.policy",
+  flags.DEFINE_enum("policy", None, list(config_lib.POLICIES), "override the run's unlearn.policy",
                     flag_values=fv)
   flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)", flag_values=fv)
 

@@ -24,7 +24,7 @@ from typing import Callable
 import grain
 import numpy as np
 
-from sinkformer import storage
+from sinkformer import config as config_lib, storage
 from sinkformer.data import catalog as catalog_lib, fetch, prepare as prepare_lib, records
 from sinkformer.data import synthetic
 from sinkformer.data import tokenizer as tok_lib
@@ -78,7 +78,7 @@ def open_prepared(origin: str, reader: str = "arrayrecord", id_offset: int = 0) 
                               data_dir=os.path.join(path, info["data_dir"]))
     read = lambda idx: [np.asarray(source[int(i)]["tokens"], np.int32) for i in idx]
   else:
-    raise ConfigError("data.reader", f"{reader!r} is not 'arrayrecord' or 'tfds'")
+    raise ConfigError("data.reader", f"{reader!r} is not one of {', '.join(config_lib.READERS)}")
   ids = index["source_ids"].astype(np.int32)
   return DocSet(os.path.basename(origin.rstrip("/")), ids + np.int32(id_offset) * (ids > 0),
                 index["lengths"], read, manifest["tokenizer"]["vocab_size"], manifest, path,

@@ -39,7 +39,7 @@ import time
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from sinkformer import storage
+from sinkformer import config as config_lib, storage
 from sinkformer.data import catalog as catalog_lib, corpora, fetch, records as records_lib
 from sinkformer.data import tokenizer as tok_lib
 from sinkformer.errors import UserError
@@ -86,8 +86,9 @@ def prepare_local(corpus: str, out: str, *, vocab_size: int = 8192,
                   workers: int | None = None, seed: int = 0, log=print) -> dict:
   """Prepare `corpus` into the local directory `out` (continuing an interrupted prepare of
   the same arguments); returns the manifest."""
-  if source_by not in ("document", "group"):
-    raise UserError(f"--source_by must be 'document' or 'group', not {source_by!r}")
+  if source_by not in config_lib.SOURCE_BY:
+    raise UserError(f"--source-by must be one of {', '.join(config_lib.SOURCE_BY)}, not "
+                    f"{source_by!r}")
   if os.path.exists(os.path.join(out, "manifest.json")):
     raise UserError(f"{out} is already prepared; remove it or choose another --out")
   start = time.perf_counter()

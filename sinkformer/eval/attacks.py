@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from sinkformer.errors import UserError
-from sinkformer.eval import gcg, posthoc
+from sinkformer.eval import gcg, metrics, posthoc
 from sinkformer.eval.context import (Context, categories, doc_condition, fact_truth_ratios,
                                      load_facts, pyplot, write_table)
 
@@ -164,7 +164,8 @@ def gcg_suite(ctx: Context) -> dict:
                                    int(source), exclude, mode, budget,
                                    scorer.server.tokenizer.bos, seed=i)
                for i, ((_, t), source) in enumerate(zip(docs, sources))]
-    acr = [g.target_len / r["prompt_tokens"] if r["prompt_tokens"] else None for r in results]
+    acr = [metrics.adversarial_compression_ratio(g.target_len, r["prompt_tokens"])
+           if r["prompt_tokens"] else None for r in results]
     hits = [a for a in acr if a is not None]
     found[name] = acr
     rows.append({"condition": name, "targets": len(docs), "found": len(hits) / len(docs),

@@ -22,7 +22,7 @@ import shutil
 
 import numpy as np
 
-from sinkformer import checkpoint
+from sinkformer import checkpoint, config as config_lib
 
 from sinkformer.errors import UserError
 from sinkformer.model import sinks
@@ -150,8 +150,8 @@ def export(run_dir: str, mode: str, out: str, step: int | None = None,
   board = switchboard.Switchboard(run_dir)
   try:
     policy = policy or run.cfg.unlearn.policy
-    if policy not in serving.POLICIES:
-      raise UserError(f"unknown policy {policy!r}; expected one of {serving.POLICIES}")
+    if policy not in config_lib.POLICIES:
+      raise UserError(f"unknown policy {policy!r}; expected one of {config_lib.POLICIES}")
     source = None
     if mode.startswith("source:"):
       source = board.active(mode.split(":", 1)[1], "exported")     # refuses an unlearned source, by any name

@@ -41,7 +41,7 @@ import traceback
 import uuid
 from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
@@ -217,6 +217,8 @@ class _JobStream(StreamingResponse):
 
 def create_app(run_dir: str, token: str | None = None, limits: Limits = Limits(),
                policy: str | None = None) -> FastAPI:
+  """The server of a run: completions (the worker thread decodes them), the tokenizer, the
+  sources and their ledger, health; each group of routes built apart below."""
   if token is not None:
     _check_token(token, "the admin token")
   worker = worker_lib.Worker(run_dir, policy, limits)
@@ -226,15 +228,23 @@ def create_app(run_dir: str, token: str | None = None, limits: Limits = Limits()
   app = FastAPI(title="sinkformer", summary=f"run {run_dir}, step {server.step}")
   app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
   app.router.on_shutdown += [worker.stop, board.close]
+  _error_handlers(app)
+  app.include_router(_completions(worker, board, name, limits))
+  app.include_router(_models(run_dir, server, name))
+  app.include_router(_tokenizer(server))
+  app.include_router(_sources(board, server, token))
 
-  def admin(authorization: str | None = Header(None)):
-    if token is None:
-      raise HTTPException(403, "unlearning over HTTP is off: start the server with "
-                               f"--token-file FILE or {TOKEN_ENV} set")
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-      raise HTTPException(401, "a valid 'Authorization: Bearer TOKEN' header is required",
-                          headers={"WWW-Authenticate": "Bearer"})
+  @app.get("/healthz")
+  def health():
+    return {"status": "ok", "run": run_dir, "step": server.step, "policy": server.policy,
+            "sources": board.counts(), "ledger_seq": board.ledger_seq(),
+            "in_force_seq": server.seq, "queued": worker.queued(), "worker": dict(worker.stats)}
+
+  return app
+
+
+def _error_handlers(app: FastAPI):
+  """Every error as OpenAI clients read it ({"error": {...}}, with FastAPI's "detail")."""
 
   @app.exception_handler(UserError)
   async def user_error(_, e: UserError):
@@ -258,15 +268,19 @@ def create_app(run_dir: str, token: str | None = None, limits: Limits = Limits()
     traceback.print_exception(e, file=sys.stderr)
     return JSONResponse(_error_body(e), status_code=500)
 
+
+
+def _completions(worker: worker_lib.Worker, board, name: str, limits: Limits) -> APIRouter:
+  """POST /v1/completions: validated and tokenized here, decoded by the worker thread."""
+  router, server = APIRouter(), worker.server
+  context = server.cfg.data.seq_len
+
   def named(mode: str) -> int:   # the source a mode names, resolved before the batch
     try:
       return serving.named_source(board, mode)
     except UserError as e:   # the same error (and status), naming the field
       e.args = (f"mode: {e}",)
       raise
-
-  modes = ("route", "backbone", "placebo") if server.setup.spec is not None else ("dense",)
-  context = server.cfg.data.seq_len
 
   def mode_of(body: Completion) -> str:
     """The request's mode: `mode`, else the one its `model` names (NAME@MODE), else route."""
@@ -308,7 +322,7 @@ def create_app(run_dir: str, token: str | None = None, limits: Limits = Limits()
     return ([[server.tokenizer.bos, *x] for x in ids],
             texts or [server.tokenizer.decode(x) for x in ids])
 
-  @app.post("/v1/completions")
+  @router.post("/v1/completions")
   async def completions(body: Completion, request: Request):
     if body.max_tokens > limits.max_tokens:
       raise HTTPException(400, f"max_tokens: at most {limits.max_tokens}, got {body.max_tokens}")
@@ -349,35 +363,6 @@ def create_app(run_dir: str, token: str | None = None, limits: Limits = Limits()
     finally:
       job.cancelled = True   # answered, or its client is gone: nothing more is decoded
 
-  @app.get("/v1/models")
-  def models():
-    created = int(os.path.getmtime(os.path.join(run_dir, "config.json")))
-    return {"object": "list", "data": [
-        {"id": model, "object": "model", "created": created, "owned_by": "sinkformer",
-         "step": server.step, "policy": server.policy}
-        for model in [name] + [f"{name}@{m}" for m in modes if m != "dense"]]}
-
-  @app.get("/tokenizer_info")
-  def tokenizer_info():
-    tok = server.tokenizer
-    return {"eos_token": tok.piece(tok.eos), "bos_token": tok.piece(tok.bos),
-            "pad_token": tok.piece(0), "vocab_size": tok.vocab_size,
-            "model_max_length": context, "add_bos_token": True}
-
-  @app.post("/tokenize")
-  def tokenize(body: Tokenize):
-    tok = server.tokenizer
-    special = {tok.piece(tok.bos): tok.bos, tok.piece(tok.eos): tok.eos}
-    tokens = [special[body.prompt]] if body.prompt in special else tok.encode(body.prompt)
-    tokens = ([tok.bos] if body.add_special_tokens else []) + tokens
-    return {"tokens": tokens, "count": len(tokens), "max_model_len": context}
-
-  @app.post("/detokenize")
-  def detokenize(body: Detokenize):
-    if body.tokens and max(body.tokens) >= server.tokenizer.vocab_size:
-      raise HTTPException(400, f"tokens: ids must be below {server.tokenizer.vocab_size}")
-    return {"prompt": server.tokenizer.decode(body.tokens)}
-
   async def _stream(job: worker_lib.Job, meta: dict):
     while True:
       kind, payload = await job.events.get()
@@ -394,12 +379,73 @@ def create_app(run_dir: str, token: str | None = None, limits: Limits = Limits()
         yield "data: [DONE]\n\n"
         return
 
-  @app.get("/v1/sources/{ref:path}")
+  return router
+
+
+def _models(run_dir: str, server, name: str) -> APIRouter:
+  """GET /v1/models: the run, and the run in each of its modes."""
+  router = APIRouter()
+  modes = ("route", "backbone", "placebo") if server.setup.spec is not None else ("dense",)
+
+  @router.get("/v1/models")
+  def models():
+    created = int(os.path.getmtime(os.path.join(run_dir, "config.json")))
+    return {"object": "list", "data": [
+        {"id": model, "object": "model", "created": created, "owned_by": "sinkformer",
+         "step": server.step, "policy": server.policy}
+        for model in [name] + [f"{name}@{m}" for m in modes if m != "dense"]]}
+
+  return router
+
+
+def _tokenizer(server) -> APIRouter:
+  """What lm-eval and OpenAI-style clients ask of a tokenizer."""
+  router = APIRouter()
+  context = server.cfg.data.seq_len
+
+  @router.get("/tokenizer_info")
+  def tokenizer_info():
+    tok = server.tokenizer
+    return {"eos_token": tok.piece(tok.eos), "bos_token": tok.piece(tok.bos),
+            "pad_token": tok.piece(0), "vocab_size": tok.vocab_size,
+            "model_max_length": context, "add_bos_token": True}
+
+  @router.post("/tokenize")
+  def tokenize(body: Tokenize):
+    tok = server.tokenizer
+    special = {tok.piece(tok.bos): tok.bos, tok.piece(tok.eos): tok.eos}
+    tokens = [special[body.prompt]] if body.prompt in special else tok.encode(body.prompt)
+    tokens = ([tok.bos] if body.add_special_tokens else []) + tokens
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": context}
+
+  @router.post("/detokenize")
+  def detokenize(body: Detokenize):
+    if body.tokens and max(body.tokens) >= server.tokenizer.vocab_size:
+      raise HTTPException(400, f"tokens: ids must be below {server.tokenizer.vocab_size}")
+    return {"prompt": server.tokenizer.decode(body.tokens)}
+
+  return router
+
+
+def _sources(board, server, token: str | None) -> APIRouter:
+  """Source lookups, and unlearning/reactivating behind the admin token."""
+  router = APIRouter()
+
+  def admin(authorization: str | None = Header(None)):
+    if token is None:
+      raise HTTPException(403, "unlearning over HTTP is off: start the server with "
+                               f"--token-file FILE or {TOKEN_ENV} set")
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+      raise HTTPException(401, "a valid 'Authorization: Bearer TOKEN' header is required",
+                          headers={"WWW-Authenticate": "Bearer"})
+
+  @router.get("/v1/sources/{ref:path}")
   def source(ref: str):
     rows = board.resolve([ref], all_matching=True)
     return {"sources": [{**r, "ledger": board.ledger(r["id"])} for r in rows[:1000]]}
 
-  @app.get("/v1/sources")
+  @router.get("/v1/sources")
   def sources(status: Literal["active", "unlearned"] | None = None,
               offset: int = Query(0, ge=0, le=catalog.MAX_ID),
               limit: int = Query(50, ge=1, le=1000)):
@@ -415,18 +461,12 @@ def create_app(run_dir: str, token: str | None = None, limits: Limits = Limits()
     # committed either way; 202 says a live server has not confirmed it yet
     return JSONResponse(got, 202 if got["in_force"]["late"] else 200)
 
-  @app.post("/v1/unlearn", dependencies=[Depends(admin)])
+  @router.post("/v1/unlearn", dependencies=[Depends(admin)])
   def unlearn(body: Change):
     return change("unlearn", body)
 
-  @app.post("/v1/reactivate", dependencies=[Depends(admin)])
+  @router.post("/v1/reactivate", dependencies=[Depends(admin)])
   def reactivate(body: Change):
     return change("reactivate", body)
 
-  @app.get("/healthz")
-  def health():
-    return {"status": "ok", "run": run_dir, "step": server.step, "policy": server.policy,
-            "sources": board.counts(), "ledger_seq": board.ledger_seq(),
-            "in_force_seq": server.seq, "queued": worker.queued(), "worker": dict(worker.stats)}
-
-  return app
+  return router

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sinkformer import storage
+from sinkformer import config as config_lib, storage
 
 from sinkformer.data import pipeline, synthetic, tokenizer as tok_lib
 from sinkformer.errors import UserError
@@ -24,7 +24,6 @@ from sinkformer.model import sinks, transformer
 from sinkformer.run import directory, switchboard
 from sinkformer.serve import generate
 
-POLICIES = ("exclude", "route")
 OPENING = 64   # tokens of a source's first document that its router embedding reads
 
 
@@ -86,7 +85,6 @@ def source_openings(data: pipeline.Data, ids) -> list[np.ndarray]:
   return out
 
 
-ROUTER_TEXTS = ("title+opening", "title")
 
 
 class Router:
@@ -159,10 +157,11 @@ class Server:
     self.run_dir, self.cfg, self.setup, self.step = run_dir, run.cfg, run.setup, run.step
     self.policy = policy or self.cfg.unlearn.policy
     self.router_text = router_text or self.cfg.unlearn.router
-    if self.router_text not in ROUTER_TEXTS:
-      raise UserError(f"unknown router text {self.router_text!r}; expected one of {ROUTER_TEXTS}")
-    if self.policy not in POLICIES:
-      raise UserError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
+    if self.router_text not in config_lib.ROUTER_TEXTS:
+      raise UserError(f"unknown router text {self.router_text!r}; expected one of "
+                      f"{config_lib.ROUTER_TEXTS}")
+    if self.policy not in config_lib.POLICIES:
+      raise UserError(f"unknown policy {self.policy!r}; expected one of {config_lib.POLICIES}")
     self.params, self.identity = run.params, run.identity
     self.tokenizer = run_tokenizer(self.cfg, self.identity)
     self.board = switchboard.Switchboard(run_dir)
