@@ -193,6 +193,51 @@ def compile_eval_step(setup: engine.Setup, params, example_batch):
     return step.lower(params, example_batch).compile()
 
 
+def _privacy_budget(cfg, data, reporter):
+  """With train.dp: ε after `done` steps, from the run's own batch plan (privacy.py), and the
+  whole run's said up front; None without it."""
+  t = cfg.train
+  if not privacy.enabled(cfg):
+    return None
+  steps, rows = privacy.participation(privacy.sources_per_step(data.train, 0, t.steps, None))
+  spent = lambda done: privacy.epsilon(t.dp.noise, int(steps[done - 1]), int(rows[done - 1]),
+                                       t.dp.delta)
+  reporter.line(f"private backbone: rows clipped to {t.dp.clip}, noise {t.dp.noise}; a source "
+                f"takes part in at most {steps[-1]} steps, {rows[-1]} row(s) in one: "
+                f"epsilon {spent(t.steps):.3g} at delta {t.dp.delta:g} for the whole run")
+  return spent
+
+
+class _Meter:
+  """Throughput between log lines (tokens/s, MFU, the data loader's share) and the ETA."""
+
+  def __init__(self, tokens_per_step: int, flops_token: float, peak: float, devices: int,
+               first: int, total: int):
+    self.tokens_per_step, self.flops_token, self.peak, self.devices = (
+        tokens_per_step, flops_token, peak, devices)
+    self.first, self.total = first, total
+    self.start = self.last = time.perf_counter()
+    self.data_time = 0.0   # seconds waiting for batches since the last line
+
+  def row(self, fetched: list[dict], done: int) -> tuple[dict, float]:
+    """The logged row of the steps in `fetched` (the last is `done`), and the ETA."""
+    now = time.perf_counter()
+    elapsed = now - self.last
+    tok_s = len(fetched) * self.tokens_per_step / elapsed
+    row = {"loss": float(np.mean([m["loss"] for m in fetched])),
+           "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(fetched[-1]["lr"]),
+           "tokens_per_s": tok_s,
+           "mfu": flops.mfu(tok_s, self.flops_token, self.peak, self.devices),
+           "data_frac": self.data_time / elapsed}
+    eta = (now - self.start) / (done - self.first) * (self.total - done)
+    self.data_time, self.last = 0.0, time.perf_counter()
+    return row, eta
+
+  def skip(self):
+    """What ran since the last line (an eval) is not training throughput."""
+    self.last = time.perf_counter()
+
+
 def _aggregate_sources(docs: list[dict]):
   source = np.concatenate([d["source"].ravel() for d in docs])
   loss = np.concatenate([d["loss"].ravel() for d in docs])
@@ -290,14 +335,7 @@ def _train(cfg, workdir: str, devices=None, stop=()):
   flops_token = flops.flops_per_token(setup.dims, d.seq_len)
   peak, peak_src = flops.device_peak(cfg.model.dtype)
   reporter.line(f"data: {data.summary}")
-  budget = None
-  if privacy.enabled(cfg):   # ε after each step, from the batch plan (privacy.py)
-    budget = privacy.participation(privacy.sources_per_step(data.train, 0, t.steps, None))
-    spent = lambda done: privacy.epsilon(t.dp.noise, int(budget[0][done - 1]),
-                                         int(budget[1][done - 1]), t.dp.delta)
-    reporter.line(f"private backbone: rows clipped to {t.dp.clip}, noise {t.dp.noise}; a source "
-                  f"takes part in at most {budget[0][-1]} steps, {budget[1][-1]} row(s) in one: "
-                  f"epsilon {spent(t.steps):.3g} at delta {t.dp.delta:g} for the whole run")
+  spent = _privacy_budget(cfg, data, reporter)
   reporter.line(f"{cfg.model.kind} model: {n_params / 1e6:.2f}M params, mesh "
                 f"{dict(setup.mesh.shape)}, {flops_token / 1e6:.1f} MFLOP/token, peak "
                 f"{peak / 1e9:.0f} GFLOP/s ({peak_src})")
@@ -310,20 +348,19 @@ def _train(cfg, workdir: str, devices=None, stop=()):
   reporter.line(f"compiled in {time.perf_counter() - compile_start:.1f} s")
   reporter.started()
 
-  history, pending, data_time = [], [], 0.0
+  history, pending = [], []
   meta = {"config": json.loads(cfg.to_json()), "data": data.identity,
           "layout": {"mesh": dict(setup.mesh.shape), "processes": jax.process_count()}}
-  tokens_per_step = t.batch_size * d.seq_len
   batches = pipeline.iterate(data.train, first, t.steps, rows, threads=d.workers,
                              put=lambda local: engine.put_batch(setup, local, rows))
-  start = last = time.perf_counter()
+  meter = _Meter(t.batch_size * d.seq_len, flops_token, peak, setup.mesh.size, first, t.steps)
   try:
     if stop:   # asked during loading or compilation: no step has run since the checkpoint
       raise Stopped(stop[0], first, False)
     for step in range(first, t.steps):
       t0 = time.perf_counter()
       batch = next(batches)   # already on the devices
-      data_time += time.perf_counter() - t0
+      meter.data_time += time.perf_counter() - t0
       state, metrics = train_fn(state, batch)
       pending.append(metrics)
       done = step + 1
@@ -335,31 +372,25 @@ def _train(cfg, workdir: str, devices=None, stop=()):
         storage.push(workdir)   # the bucket's metrics keep up with its checkpoints
       if done % t.log_every == 0 or done == t.steps:
         fetched = jax.device_get(pending)
-        now = time.perf_counter()
-        elapsed, steps = now - last, len(fetched)
-        tok_s = steps * tokens_per_step / elapsed
-        row = {"loss": float(np.mean([m["loss"] for m in fetched])),
-               "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(fetched[-1]["lr"]),
-               "tokens_per_s": tok_s, "mfu": flops.mfu(tok_s, flops_token, peak, setup.mesh.size),
-               "data_frac": data_time / elapsed, "epoch": data.train.epoch_of(done)}
-        if budget is not None:
+        row, eta = meter.row(fetched, done)
+        row["epoch"] = data.train.epoch_of(done)
+        if spent is not None:
           row["epsilon"] = spent(done)
-        eta = (now - start) / (done - first) * (t.steps - done)
         reporter.line(f"step {done}/{t.steps} | loss {row['loss']:.4f} | "
-                      f"{report.human(tok_s)} tok/s | MFU {100 * row['mfu']:.2f}% | "
+                      f"{report.human(row['tokens_per_s'])} tok/s | MFU {100 * row['mfu']:.2f}% | "
                       f"data {100 * row['data_frac']:.1f}% | ETA {report.duration(eta)}"
-                      + (f" | epsilon {row['epsilon']:.3g}" if budget is not None else ""))
+                      + (f" | epsilon {row['epsilon']:.3g}" if spent is not None else ""))
         reporter.scalars(done, row, "train")
         reporter.per_source(done, *_aggregate_sources([m["docs"] for m in fetched]))
         reporter.postfix(f"loss {row['loss']:.3f}")
         history.append({"step": done, **row})
-        pending, data_time, last = [], 0.0, time.perf_counter()
+        pending = []
       if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
         row = _evaluate(setup, eval_fn, state["params"], {"seen": data.seen, "unseen": data.unseen})
         reporter.line(f"eval {done}: " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
         reporter.scalars(done, row, "val")
         history.append({"step": done, "split": "val", **row})
-        last = time.perf_counter()   # eval time is not training throughput
+        meter.skip()   # eval time is not training throughput
       if stop:   # the signal may have arrived after this step's save decision
         if not saved:
           ckpts.save(done, state, {**meta, "data_rows": data.train.rows_per_epoch()}, force=True)
