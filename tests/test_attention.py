@@ -38,9 +38,9 @@ def packed_rows(length: int, h: int = 4, hkv: int = 2, hd: int = 32):
     ("pallas", 128, (4, 2, 32)), ("pallas", 96, (4, 2, 32)),   # 96: padded to the block inside
     ("pallas", 256, (6, 2, 64)), ("pallas", 200, (3, 3, 32)),  # 3 groups; no groups, odd length
     ("splash", 128, (4, 2, 32)), ("splash", 96, (4, 2, 32)),
-    ("cudnn", 128, (4, 2, 32)), ("cudnn", 200, (3, 3, 32))])   # on a GPU only (gpu_check.py)
+    ("cudnn", 128, (4, 2, 32)), ("cudnn", 200, (3, 3, 32))])   # on a GPU only (bench/gpu/check.py)
 def test_backend_equals_xla_forward_and_gradients(backend, length, heads):
-  if jax.default_backend() not in ("cpu",) + attention.PLATFORMS[backend]:   # gpu_check.py
+  if jax.default_backend() not in ("cpu",) + attention.PLATFORMS[backend]:   # bench/gpu/check.py
     pytest.skip(f"{backend} runs natively on {attention.PLATFORMS[backend]}, interpreted on cpu")
   if backend == "cudnn":   # no interpreter: checked where it runs, if it may run there
     if jax.default_backend() != "gpu":

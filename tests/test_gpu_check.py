@@ -1,4 +1,4 @@
-"""The prepared GPU script (launch/gpu_check.py): every stage runs (dry, on this CPU), writes
+"""The prepared GPU script (bench/gpu/check.py): every stage runs (dry, on this CPU), writes
 its measurements as it goes, and `next` chains the stages; the wheels it carries make a
 clean import possible on the GPU image."""
 
@@ -12,19 +12,20 @@ import zipfile
 
 import pytest
 
-sys.path.insert(0, "launch")
-import gpu_check  # noqa: E402
+sys.path.insert(0, "sinkformer/bench/gpu")
+import check as gpu_check  # noqa: E402
 
 
 def stage(name, out, *extra):
-  return subprocess.run([sys.executable, "launch/gpu_check.py", name, "--dry", "--out", str(out),
+  return subprocess.run([sys.executable, "sinkformer/bench/gpu/check.py", name, "--dry",
+                         "--out", str(out),
                          *extra], capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 def test_every_stage_runs_records_as_it_goes_and_next_chains_them(tmp_path):
   nxt = lambda: gpu_check.next_command(str(tmp_path), dry=True)
-  assert nxt() == "python3 launch/gpu_check.py kernels --wheels .whl --out $OUT --dry"
+  assert nxt() == "python3 sinkformer/bench/gpu/check.py kernels --wheels .whl --out $OUT --dry"
   for name in gpu_check.STAGES:
     command = nxt()
     assert command.split()[2] == name
@@ -51,7 +52,7 @@ def test_next_takes_the_micro_batch_the_memory_stage_found(tmp_path):
     (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in (
         {"stage": name}, {"name": name, "rc": 0, "result": result}, {"stage_done": name})))
   assert gpu_check.next_command(str(tmp_path)) == (
-      "python3 launch/gpu_check.py mfu --rows 6 --accum 2 --wheels .whl --out $OUT")
+      "python3 sinkformer/bench/gpu/check.py mfu --rows 6 --accum 2 --wheels .whl --out $OUT")
   # a stage cut off mid-call (no stage_done) is run again
   (tmp_path / "mfu.jsonl").write_text(json.dumps({"stage": "mfu"}) + "\n")
   assert gpu_check.next_command(str(tmp_path)).split()[2] == "mfu"
@@ -62,7 +63,8 @@ def test_the_carried_wheels_complete_the_gpu_image(tmp_path):
   """Downloads the Python 3.12 wheels as a user would (PyPI): each import the stages need
   beyond the image has its wheel, and every wheel's own requirements are in the set or in
   the image."""
-  out = subprocess.run(["bash", "launch/gpu_wheels.sh", str(tmp_path)], capture_output=True,
+  out = subprocess.run(["bash", "sinkformer/bench/gpu/wheels.sh", str(tmp_path)],
+                       capture_output=True,
                        text=True, timeout=600)
   if out.returncode != 0 and "No matching distribution" not in out.stderr and (
       "Could not" in out.stderr or "connection" in out.stderr.lower()):

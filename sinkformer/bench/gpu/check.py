@@ -6,10 +6,10 @@ with a {"stage_done": ...} line. Between calls, `next` reads what came back and 
 command of the next stage to run (with what earlier stages decided, e.g. the micro-batch
 that fits); `summary` prints the figures.
 
-  launch/gpu_wheels.sh .whl                                  # here, where PyPI is reachable
-  python3 launch/gpu_check.py kernels --wheels .whl --out $OUT   # there, one call per stage
-  python3 launch/gpu_check.py next --results DIR             # here: the next stage's command
-  python3 launch/gpu_check.py summary --results DIR
+  sinkformer/bench/gpu/wheels.sh .whl                   # here, where PyPI is reachable
+  python3 sinkformer/bench/gpu/check.py kernels --wheels .whl --out $OUT   # there, a call a stage
+  python3 sinkformer/bench/gpu/check.py next --results DIR   # here: the next stage's command
+  python3 sinkformer/bench/gpu/check.py summary --results DIR
 
 Stages:
   kernels   the wheels import cleanly; the attention backends against XLA on the GPU
@@ -19,7 +19,7 @@ Stages:
             micro-batch that fits (`bench memory`)
   mfu       compile, first step, step time, tokens/s and MFU of the NULL and the dense control
             at 32 layers and the largest micro-batch of `dots` (`bench mfu`)
-  peer      the PyTorch peer (launch/peer_torch.py, torch.compile) at the same geometry,
+  peer      the PyTorch peer (gpu/peer_torch.py, torch.compile) at the same geometry,
             depth, rows per micro-batch and accumulation, plain causal and packed, beside
             the NULL on the same batching, in one call
   pipeline  the quickstart trained on the GPU (the fraction of each step spent waiting for
@@ -39,11 +39,11 @@ import sys
 import time
 
 STAGES = ("kernels", "memory", "mfu", "peer", "pipeline")
-IMPORTS = ("sinkformer.cli", "sinkformer.bench", "sinkformer.train.trainer",
+IMPORTS = ("sinkformer.cli", "sinkformer.bench.steps", "sinkformer.train.trainer",
            "sinkformer.train.report", "sinkformer.data.pipeline", "sinkformer.data.prepare",
-           "sinkformer.model.flash", "sinkformer.serve.switchboard", "grain", "array_record",
+           "sinkformer.model.flash", "sinkformer.run.switchboard", "grain", "array_record",
            "ml_collections", "tensorboardX", "cloudpickle")
-# What the lent GPU's Python already has (its image): the carried wheels (launch/gpu_wheels.sh)
+# What the lent GPU's Python already has (its image): the carried wheels (gpu/wheels.sh)
 # must bring everything else the stages import, with every dependency of theirs.
 IMAGE = {"absl-py", "etils", "numpy", "protobuf", "psutil", "pyyaml", "packaging", "jax",
          "jaxlib", "flax", "optax", "orbax-checkpoint", "scipy", "sentencepiece", "httpx",
@@ -110,7 +110,7 @@ def _commands(stage: str, s: dict, rows: int, accum: int) -> list[tuple[str, lis
   if stage == "mfu":
     return [("mfu", cli + ["bench", "mfu", *model, *batching, "--rounds", s["rounds"]], 540)]
   if stage == "peer":
-    peer = py + ["launch/peer_torch.py", "--layers", s["layers"], "--rows", str(rows),
+    peer = py + ["sinkformer/bench/gpu/peer_torch.py", "--layers", s["layers"], "--rows", str(rows),
                  "--accum", str(accum), *s["peer"]]
     return [("null", cli + ["bench", "mfu", *model, *batching, "--rounds", s["rounds"]], 240),
             ("peer_causal", peer + ["--docs", "1"], 150),
@@ -199,7 +199,7 @@ def next_command(results: str, dry: bool = False) -> str | None:
     if not any("stage_done" in r for r in records.get(stage, [])):
       rows, accum = _batching(records)
       extra = f" --rows {rows} --accum {accum}" if stage in ("mfu", "peer") else ""
-      return (f"python3 launch/gpu_check.py {stage}{extra} --wheels .whl --out $OUT"
+      return (f"python3 sinkformer/bench/gpu/check.py {stage}{extra} --wheels .whl --out $OUT"
               + (" --dry" if dry else ""))
   return None
 
@@ -253,15 +253,16 @@ def main():
   p.add_argument("stage", choices=STAGES + ("next", "summary"))
   p.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
   p.add_argument("--results", help="for next/summary: the folder the stages' files came back to")
-  p.add_argument("--wheels", help="a folder of wheels to install first (launch/gpu_wheels.sh)")
+  p.add_argument("--wheels", help="a folder of wheels to install first (gpu/wheels.sh)")
   p.add_argument("--rows", type=int, default=4, help="rows per micro-batch (mfu, peer)")
   p.add_argument("--accum", type=int, default=4, help="micro-batches per step (mfu, peer)")
   p.add_argument("--dry", action="store_true", help="small shapes on a CPU, in seconds")
   a = p.parse_args()
-  os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  os.chdir(os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")))   # the repo
   if a.stage == "next":
     command = next_command(a.results or a.out, a.dry)
-    print(command or "every stage is done; python3 launch/gpu_check.py summary --results DIR")
+    print(command or "every stage is done; python3 sinkformer/bench/gpu/check.py summary "
+          "--results DIR")
   elif a.stage == "summary":
     print("\n".join(summary(a.results or a.out)) or "no results yet")
   else:

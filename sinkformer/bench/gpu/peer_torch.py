@@ -6,7 +6,7 @@ documents as sinkformer's are, flex attention with a document-causal block mask 
 which flex cannot differentiate, SDPA with that mask as a dense boolean one). Prints tokens/s
 as one JSON line. Runs wherever torch does (a CPU for a dry run with small sizes).
 
-  python launch/peer_torch.py --layers 32 --rows 4 --accum 4 --docs 32
+  python sinkformer/bench/gpu/peer_torch.py --layers 32 --rows 4 --accum 4 --docs 32
 """
 
 import argparse
