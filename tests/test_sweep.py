@@ -63,6 +63,10 @@ def test_the_scale_map_plots_its_source_axis_and_no_variant():
   plotted = {r["point"] for r in sweep.along_sources(rows)}
   assert {"400 x7", "400 x1.5", "1600 x7", "6400 x1.5", "20000 x1.5"} <= plotted
   assert not any("dp" in p or "one a row" in p for p in plotted)   # layout variants are not
+  measured = [{"point": p, "passes": x} for p, x in (("400 x1.5", 1.5), ("1600 x1.5", 1.4),
+                                                    ("400 x7", 7.0), ("1600 x7", 6.7))]
+  assert [[r["point"] for r in g] for g in sweep.pass_groups(measured)] == [
+      ["1600 x1.5", "400 x1.5"], ["1600 x7", "400 x7"]]
 
 
 @pytest.mark.slow

@@ -404,18 +404,30 @@ def along_sources(rows: list[dict]) -> list[dict]:
           and set(r["overrides"]) <= ALONG_SOURCES]
 
 
+def pass_groups(rows: list[dict], tolerance: float = 1.25) -> list[list[dict]]:
+  """Points grouped by their number of passes, those within `tolerance` x of each other
+  together (a schedule's integer steps make 1.5 passes 1.4 at another size)."""
+  groups = []
+  for r in sorted(rows, key=lambda r: r["passes"]):
+    if groups and r["passes"] <= groups[-1][0]["passes"] * tolerance:
+      groups[-1].append(r)
+    else:
+      groups.append([r])
+  return groups
+
+
 def _plot_sources(path: str, rows: list[dict]):
   """The AUC gaps of sink-off and backbone against the number of sources (log axis), one
   line per number of passes (rounded), for the points that vary only those."""
   plt = context.pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  plain = along_sources(rows)
-  for passes in sorted({round(r["passes"]) for r in plain}):
-    group = sorted((r for r in plain if round(r["passes"]) == passes), key=lambda r: r["sources"])
+  for group in pass_groups(along_sources(rows)):
+    group = sorted(group, key=lambda r: r["sources"])
+    passes = float(np.median([r["passes"] for r in group]))
     for cond, style in (("sink-off/exclude", "o-"), ("backbone", "s--")):
       gap, err = _gaps(group, cond)
       ax.errorbar([r["sources"] for r in group], gap, yerr=err, fmt=style, capsize=3,
-                  label=f"{cond}, ~{passes} passes")
+                  label=f"{cond}, ~{passes:.2g} passes")
   ax.axhline(0, color="grey", lw=0.5)
   ax.set_xscale("log")
   ax.set_xlabel("sources")
