@@ -142,6 +142,13 @@ def test_data_prepare_info_and_train_on_it(tmp_path):
             "--config.train.steps=3", "--config.train.eval_every=0")
   assert run.returncode == 0, run.stderr
   assert "data: p (" in run.stdout and "1 sources held out" in run.stdout
+  common = ("train", "--config", "experiments/quickstart.py:smoke", "--workdir",
+            str(tmp_path / "r2"), f"--config.data.corpus={tmp_path / 'p'}")
+  most = cli(*common, "--config.data.val_sources=4")   # 4 of 5 books held out: refused
+  assert most.returncode == 2 and "set it to at most 2 (half)" in most.stderr, most.stderr
+  small = cli(*common, "--config.data.val_sources=1", "--config.model.vocab_size=256")
+  assert small.returncode == 2 and "--config.model.vocab_size=300" in small.stderr
+  assert "again with --vocab-size=256" in small.stderr
 
 
 def test_bench_stream_and_scale_print_their_figures(tmp_path):

@@ -19,6 +19,7 @@ def test_story_runs_every_phase_and_resumes(tmp_path):
                 "facts:", "mia:", "extraction:", "relearn:", "gcg:", "capability:"):
     assert f"=== {phase}" in out.stdout
   assert "unlearned 4 sources" in out.stdout and "before, source:person-000000" in out.stdout
+  assert out.stdout.splitlines()[-1].startswith(f"next: sinkformer serve --run {tmp_path}/s/null")
   facts = json.loads((tmp_path / "s" / "eval" / "facts.json").read_text())
   assert {"sink-on", "retrain", "dense", "npo", "ga"} <= {r["condition"] for r in facts["rows"]}
   page = (tmp_path / "s" / "eval" / "index.md").read_text()

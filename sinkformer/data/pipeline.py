@@ -465,7 +465,7 @@ def load(cfg, log=print) -> Data:
       raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the "
                         f"tokenizer of {docs.path} ({docs.vocab_size}): train with "
                         f"--config.model.vocab_size={docs.vocab_size}, or prepare the corpus "
-                        f"again with --vocab_size={cfg.model.vocab_size}")
+                        f"again with --vocab-size={cfg.model.vocab_size}")
     keep, held = _selection(docs, cfg)
     stream = DocStream(docs, keep, d.seq_len, d.max_docs_per_row, cfg.seed)
     if i == 0:

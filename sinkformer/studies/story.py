@@ -138,4 +138,7 @@ def run(cfg, workdir: str, people: int = 400, forget: int = 20, holdout: int = 2
                         os.path.join(enc, "facts.jsonl"), clozes)
   results = suites.run(ctx, list(suites.SUITES), resume=True)
   print(f"\nall tables and plots on one page: {ctx.out}/index.md")
+  print(f"next: sinkformer serve --run {runs['null']} (the unlearned NULL over HTTP) | "
+        f"sinkformer sources list --run {runs['null']} --status unlearned | sinkformer sweep "
+        "--config experiments/scale.py --workdir runs/scale (the map along sources)")
   return results
