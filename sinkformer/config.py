@@ -123,7 +123,33 @@ def fields(cfg, prefix: str = "") -> dict:
 def unknown_field(spec: str, overrides: list[str]) -> str | None:
   """The first `--config.a.b=v` override naming no field of `spec`'s config, said with the
   nearest fields (or those of its section); None when every override names one."""
-  known = fields(load(spec))
+  return _unknown(fields(load(spec)), overrides)
+
+
+def override(cfg, items, what: str):
+  """A copy of `cfg` with "section.field=value" overrides, parsed by the one parser that
+  `--config.a.b=v` goes through on the command line (ml_collections' config flags): the same
+  literals, the same type checks and the same nearest-field hints for every surface (`eval
+  --set`, sweep points)."""
+  items = [str(item) for item in items]
+  bad = [item for item in items if "=" not in item or "." not in item.split("=")[0]]
+  if bad:
+    raise UserError(f"{what} {bad[0]!r}: expected SECTION.FIELD=VALUE")
+  hint = _unknown(fields(cfg), items)
+  if hint:
+    raise UserError(f"{what}: {hint}")
+  argv = ["sinkformer", *(f"--config.{item}" for item in items)]
+  fv = flags.FlagValues()
+  try:
+    config_flags.DEFINE_config_dict("config", ml_collections.ConfigDict(cfg.to_dict()),
+                                    flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+  except PARSE_ERRORS as e:
+    raise UserError(f"{what}: {one_line(e)}") from None
+  return fv.config
+
+
+def _unknown(known: dict, overrides: list[str]) -> str | None:
   for override in overrides:
     name = override.removeprefix("--config.").split("=")[0]
     if name in known or any(k.startswith(name + ".") for k in known):

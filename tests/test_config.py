@@ -115,7 +115,10 @@ def test_eval_overrides_are_typed_like_the_field(tmp_path):
   e = context.settings(str(tmp_path), ["gcg.lengths=(2, 4)", "relearn.lrs=(1e-4,)",
                                         "relearn.steps=3"])
   assert (list(e.gcg.lengths), list(e.relearn.lrs), e.relearn.steps) == ([2, 4], [1e-4], 3)
-  for bad, msg in (("relearn.steps=2.5", "takes a int"), ("gcg.lengths=5", "takes a list"),
-                   ("gcg.stepz=3", "gcg.steps"), ("relearn.mask=weights", "eval.relearn.mask")):
+  assert list(context.settings(str(tmp_path), ["gcg.lengths=8"]).gcg.lengths) == [8]
+  for bad, msg in (("relearn.steps=2.5", "relearn.steps=2.5: invalid literal for int"),
+                   ("gcg.stepz=3", "unknown config field 'gcg.stepz'; nearest: gcg.steps"),
+                   ("gcg", "expected SECTION.FIELD=VALUE"),
+                   ("relearn.mask=weights", "eval.relearn.mask")):
     with pytest.raises(UserError, match=msg):
       context.settings(str(tmp_path), [bad])

@@ -20,7 +20,6 @@ changed):
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import os
@@ -49,28 +48,7 @@ def load_facts(path: str) -> list[dict]:
 
 def settings(run_dir: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
   """The run's `eval` section with `section.field=value` overrides (e.g. gcg.steps=5)."""
-  e = directory.load_config(run_dir).eval
-  for item in overrides:
-    path, eq, value = item.partition("=")
-    section, _, field = path.partition(".")
-    if not eq or section not in e or field not in e[section]:
-      raise UserError(f"--set {item!r}: expected SECTION.FIELD=VALUE with one of "
-                      + ", ".join(f"{s}.{f}" for s in e for f in e[s]))
-    try:
-      parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      parsed = value
-    current = e[section][field]
-    if isinstance(current, (list, tuple)):
-      ok = isinstance(parsed, (list, tuple))
-    elif isinstance(current, float):
-      ok = isinstance(parsed, (int, float)) and not isinstance(parsed, bool)
-    else:
-      ok = type(parsed) is type(current)
-    if not ok:   # e.g. 2.5 for a step count: refuse rather than truncate
-      kind = "list" if isinstance(current, (list, tuple)) else type(current).__name__
-      raise UserError(f"--set {item!r}: {path} takes a {kind}, e.g. {path}={current!r}")
-    e[section][field] = list(parsed) if isinstance(current, (list, tuple)) else type(current)(parsed)
+  e = config.override(directory.load_config(run_dir).eval, overrides, "--set")
   config.validate_eval(e)
   return e
 

@@ -20,7 +20,6 @@ per point like config fields.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ import re
 import ml_collections
 import numpy as np
 
+from sinkformer import config
 from sinkformer.data import encyclopedia, fetch, probes
 from sinkformer.errors import UserError
 from sinkformer.eval import context, suites
@@ -41,17 +41,15 @@ MIA_SCORE = "min_k"  # MUSE's Min-40%
 
 
 def parse_point(spec: str) -> tuple[str, dict]:
-  """'k=4: sinks.k=4, train.steps=80' -> ('k=4', {'sinks.k': 4, 'train.steps': 80})."""
+  """'k=4: sinks.k=4, train.steps=80' -> ('k=4', {'sinks.k': '4', 'train.steps': '80'}): the
+  values as written, parsed with the field's type when applied (point_config)."""
   label, _, rest = spec.partition(":")
   overrides = {}
   for item in filter(None, (x.strip() for x in rest.split(","))):
     key, eq, value = item.partition("=")
     if not eq or "." not in key.strip():
       raise UserError(f"sweep point {spec!r}: {item!r} is not SECTION.FIELD=VALUE")
-    try:
-      overrides[key.strip()] = ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError):
-      overrides[key.strip()] = value.strip()
+    overrides[key.strip()] = value.strip()
   if not label.strip() or "," in label:
     raise UserError(f"sweep point {spec!r}: its label (before ':') must be non-empty and "
                     "have no comma (--points is a comma-separated list of labels)")
@@ -59,21 +57,12 @@ def parse_point(spec: str) -> tuple[str, dict]:
 
 
 def point_config(cfg, overrides: dict):
-  """(the training config, the sweep settings) of a point."""
-  settings = dict(cfg.sweep)
-  c = ml_collections.ConfigDict({k: v for k, v in cfg.to_dict().items() if k != "sweep"})
-  for key, value in overrides.items():
-    section, *path, field = key.split(".")
-    target = settings if section == "sweep" else c.get(section)
-    for name in path:   # nested sections, e.g. train.dp.clip
-      target = target.get(name) if hasattr(target, "get") else None
-    if target is None or field not in target:
-      raise UserError(f"sweep override {key}={value!r}: no such field")
-    try:
-      target[field] = value
-    except TypeError as e:
-      raise UserError(f"sweep override {key}={value!r}: {e}") from None
-  return c, settings
+  """(the training config, the sweep settings) of a point: its overrides applied to the
+  centre (sweep.* fields included) by the command line's parser (config.override)."""
+  full = config.override(cfg, [f"{key}={value}" for key, value in overrides.items()],
+                         "sweep point")
+  c = ml_collections.ConfigDict({k: v for k, v in full.to_dict().items() if k != "sweep"})
+  return c, dict(full.sweep.to_dict())
 
 
 def dense_key(cfg) -> str:
