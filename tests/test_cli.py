@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -133,6 +134,7 @@ def test_data_prepare_info_and_train_on_it(tmp_path):
             "--vocab-size", "300", "--source-by", "group")   # dashed flag names work too
   assert out.returncode == 0, out.stderr
   assert "40 documents" in out.stdout and "5 sources (by group)" in out.stdout
+  assert re.search(r"^prepared in [0-9.]+ s \([0-9,]+ documents/s\)$", out.stdout, re.M)
   info = cli("data", "info", "--data", str(tmp_path / "p"))
   assert info.returncode == 0 and info.stdout.splitlines()[0] in out.stdout.splitlines()
   assert f"next: sinkformer train --config experiments/quickstart.py --workdir runs/NAME " \

@@ -60,6 +60,8 @@ def _prepare(fv):
                       group_size=fv.group_size, tfds=fv.tfds, data_dir=fv.data_dir,
                       tfds_dir=fv.tfds_dir, workers=fv.workers, seed=fv.seed)
   _print_manifest(fv.out, m)
+  print(f"prepared in {m['seconds']:.1f} s ({m['documents'] / max(m['seconds'], 1e-9):,.0f} "
+        "documents/s)")
   vocab = m["tokenizer"]["vocab_size"]
   print(f"next: sinkformer train --config experiments/quickstart.py --workdir runs/NAME "
         f"--config.data.corpus={fv.out}"

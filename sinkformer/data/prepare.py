@@ -229,7 +229,6 @@ def _pool(workers: int, skip_bad: bool, model: bytes | None = None):
 
 def _prepare(read, path, corpus, tmp, tokenizer, journal, workers, log) -> dict:
   settings = journal["settings"]
-  start = time.perf_counter()
   workers = workers or os.cpu_count() or 1
   size = min(CHUNK, settings["shard_docs"])
   model_path = os.path.join(tmp, "tokenizer.model")
@@ -242,7 +241,14 @@ def _prepare(read, path, corpus, tmp, tokenizer, journal, workers, log) -> dict:
     log(f"training a {settings['vocab_size']}-piece BPE tokenizer on a sample of {corpus}")
     with _pool(workers, settings["skip_bad"]) as pool, contextlib.closing(_ordered(
         pool, _pieces, _chunks(path, lambda: read(corpora.Counts()), 0, size), workers)) as parts:
-      lines = tok_lib.sample_pieces((p for _, p in parts), settings["seed"])
+      counted = [0]
+
+      def blocks():   # the pass that samples the tokenizer's text also counts the corpus
+        for items, pieces in parts:
+          counted[0] += items
+          yield pieces
+      lines = tok_lib.sample_pieces(blocks(), settings["seed"])
+    journal["total_items"] = counted[0]
     if not lines:
       raise UserError(f"{corpus} has no documents with text: nothing to train a tokenizer on "
                       "(every line blank, empty or skipped as malformed)")
@@ -256,14 +262,14 @@ def _prepare(read, path, corpus, tmp, tokenizer, journal, workers, log) -> dict:
   try:
     cat.db.execute("PRAGMA synchronous=NORMAL")   # WAL: still safe against a killed process
     cat.without_lookup_indexes()                  # built once at the end: faster than kept up
-    manifest = _write(read, path, corpus, tmp, tok, cat, journal, workers, size, log, start)
+    manifest = _write(read, path, corpus, tmp, tok, cat, journal, workers, size, log)
     cat.with_lookup_indexes()
     return manifest
   finally:
     cat.close()
 
 
-def _write(read, path, corpus, tmp, tok, cat, journal, workers, size, log, start) -> dict:
+def _write(read, path, corpus, tmp, tok, cat, journal, workers, size, log) -> dict:
   """Catalog, shards and documents.npz after the journal's position; the manifest."""
   settings = journal["settings"]
   with cat.batch():   # roll back the catalog rows of a shard that was in progress
@@ -278,6 +284,7 @@ def _write(read, path, corpus, tmp, tok, cat, journal, workers, size, log, start
   with open(os.path.join(tmp, "tokenizer.model"), "rb") as f:
     model = f.read()
   chunks = _chunks(path, lambda: read(reader_counts), items, size)
+  progress = _Progress(journal.get("total_items"), items, log)
   with _pool(workers, settings["skip_bad"], model) as pool, contextlib.closing(
       _ordered(pool, _encode, chunks, workers)) as results:
     for n, (docs, records, lengths, digest, size_, counts) in results:
@@ -295,7 +302,7 @@ def _write(read, path, corpus, tmp, tok, cat, journal, workers, size, log, start
       shard_hash.update(digest)
       shard_sources += ids
       shard_lengths += lengths
-      before, ordinal, items = ordinal, ordinal + len(docs), items + n
+      ordinal, items = ordinal + len(docs), items + n
       text_bytes += size_
       parsed.add(counts)
       if len(shard_sources) >= settings["shard_docs"]:   # the journal may move past it
@@ -303,8 +310,8 @@ def _write(read, path, corpus, tmp, tok, cat, journal, workers, size, log, start
         writer = None
         _close_shard(tmp, journal, name, shard_hash, shard_sources, shard_lengths, ordinal,
                      cat, dict(items=items, text_bytes=text_bytes, counts=vars(parsed)))
-      if ordinal // (CHUNK * 64) != before // (CHUNK * 64):
-        log(f"  {ordinal:,} documents, {len(cat):,} sources, {time.perf_counter() - start:.0f}s")
+      progress.advance(items, f"{ordinal:,} documents, {len(cat):,} sources")
+  progress.close()
   if writer is not None:
     writer.close()
     _close_shard(tmp, journal, name, shard_hash, shard_sources, shard_lengths, ordinal, cat,
@@ -342,6 +349,34 @@ def _write(read, path, corpus, tmp, tok, cat, journal, workers, size, log, start
       "seconds": None, "tfds": None,
   }
   return manifest
+
+
+class _Progress:
+  """How far the writing pass is: a bar (total, rate, ETA) on a terminal, and a line every
+  30 s for logs. The total is the corpus' item count from the tokenizer's pass (unknown with
+  a given --tokenizer: then rate only)."""
+
+  def __init__(self, total: int | None, done: int, log):
+    from tqdm import tqdm
+    self.total, self.first, self.log = total, done, log
+    self.start = self.last = time.perf_counter()
+    self.bar = tqdm(total=total, initial=done, unit=" items", unit_scale=True, leave=False,
+                    disable=None, desc="prepare")   # None: off unless stderr is a terminal
+
+  def advance(self, done: int, what: str):
+    self.bar.update(done - self.bar.n)
+    now = time.perf_counter()
+    if now - self.last < 30:
+      return
+    self.last = now
+    rate = (done - self.first) / (now - self.start)
+    where = f" of {self.total:,} ({100 * done / self.total:.0f}%)" if self.total else ""
+    left = (self.total - done) / rate if self.total and rate else None
+    eta = f", ETA {int(left // 60)}m{int(left % 60):02d}s" if left is not None else ""
+    self.log(f"  {done:,} items{where}: {what}, {rate:,.0f} items/s{eta}")
+
+  def close(self):
+    self.bar.close()
 
 
 def _close_shard(tmp, journal, name, shard_hash, sources, lengths, ordinal, cat, position):
