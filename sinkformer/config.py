@@ -90,7 +90,8 @@ def define_config_flag(fv: flags.FlagValues, argv: list[str]):
   """`--config=experiments/x.py[:presets]` with `--config.a.b=v` overrides found in argv."""
   config_flags.DEFINE_config_file(
       "config", None, "experiment config: experiments/NAME.py[:presets]; override a field "
-      "with --config.SECTION.FIELD=VALUE ('sinkformer config show' lists them)", flag_values=fv, lock_config=True, sys_argv=argv)
+      "with --config.SECTION.FIELD=VALUE ('sinkformer config show' lists them)",
+      flag_values=fv, lock_config=True, sys_argv=argv)
 
 
 def load(spec: str, overrides: tuple[str, ...] = ()):
@@ -141,12 +142,19 @@ def override(cfg, items, what: str):
   argv = ["sinkformer", *(f"--config.{item}" for item in items)]
   fv = flags.FlagValues()
   try:
-    config_flags.DEFINE_config_dict("config", ml_collections.ConfigDict(cfg.to_dict()),
-                                    flag_values=fv, lock_config=True, sys_argv=argv)
+    config_flags.DEFINE_config_dict(
+        "config", ml_collections.ConfigDict(_tuples(cfg.to_dict())), flag_values=fv,
+        lock_config=True, sys_argv=argv)
     fv(argv)
   except PARSE_ERRORS as e:
     raise UserError(f"{what}: {one_line(e)}") from None
   return fv.config
+
+
+def _tuples(d: dict) -> dict:
+  """Lists as tuples (a run's config.json holds tuples as lists; the parser takes tuples)."""
+  return {k: _tuples(v) if isinstance(v, dict) else tuple(v) if isinstance(v, list) else v
+          for k, v in d.items()}
 
 
 def _unknown(known: dict, overrides: list[str]) -> str | None:

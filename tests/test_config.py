@@ -115,6 +115,9 @@ def test_eval_overrides_are_typed_like_the_field(tmp_path):
   e = context.settings(str(tmp_path), ["gcg.lengths=(2, 4)", "relearn.lrs=(1e-4,)",
                                         "relearn.steps=3"])
   assert (list(e.gcg.lengths), list(e.relearn.lrs), e.relearn.steps) == ([2, 4], [1e-4], 3)
+  # a run's config.json holds tuples as JSON lists: they take overrides all the same
+  (tmp_path / "config.json").write_text('{"eval": {"gcg": {"lengths": [2, 4, 8]}}}')
+  assert list(context.settings(str(tmp_path), ["gcg.lengths=(3,)"]).gcg.lengths) == [3]
   assert list(context.settings(str(tmp_path), ["gcg.lengths=8"]).gcg.lengths) == [8]
   for bad, msg in (("relearn.steps=2.5", "relearn.steps=2.5: invalid literal for int"),
                    ("gcg.stepz=3", "unknown config field 'gcg.stepz'; nearest: gcg.steps"),
