@@ -273,7 +273,6 @@ def _error_handlers(app: FastAPI):
 def _completions(worker: worker_lib.Worker, board, name: str, limits: Limits) -> APIRouter:
   """POST /v1/completions: validated and tokenized here, decoded by the worker thread."""
   router, server = APIRouter(), worker.server
-  context = server.cfg.data.seq_len
 
   def named(mode: str) -> int:   # the source a mode names, resolved before the batch
     try:
@@ -316,9 +315,7 @@ def _completions(worker: worker_lib.Worker, board, name: str, limits: Limits) ->
     if longest > limits.max_prompt_tokens:
       raise HTTPException(400, f"prompt: at most {limits.max_prompt_tokens} tokens per prompt, "
                                f"got {longest}")
-    if longest >= context:   # BOS takes one place of the context the model was trained on
-      raise HTTPException(400, f"prompt: at most {context - 1} tokens (the model's context is "
-                               f"{context} with BOS), got {longest}")
+    server.check_fits(longest)   # UserError: 400
     return ([[server.tokenizer.bos, *x] for x in ids],
             texts or [server.tokenizer.decode(x) for x in ids])
 

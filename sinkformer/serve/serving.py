@@ -244,6 +244,13 @@ class Server:
   def exclusion(self):
     return self.excluder.exclusion(self.policy) if self.excluder else None
 
+  def check_fits(self, longest: int):
+    """Refuses a prompt of `longest` tokens that leaves no room in the model's context."""
+    context = self.cfg.data.seq_len
+    if longest >= context:   # BOS takes one place of the context the model was trained on
+      raise UserError(f"a prompt of {longest} tokens does not fit: the model's context is "
+                      f"{context} tokens with BOS; shorten it to at most {context - 1}")
+
   def generate(self, texts: list[str], mode: str = "route",
                sampling: generate.Sampling = generate.Sampling(), seed: int = 0,
                use_cache: bool = True) -> list[dict]:
@@ -252,10 +259,7 @@ class Server:
                       "route mode picks the source from it")
     sources, gate_mode = self.sources_for(texts, mode)   # an unlearned source: refused first
     prompts = [self.encode(t) for t in texts]
-    longest, context = max(map(len, prompts)), self.cfg.data.seq_len
-    if longest >= context:   # BOS takes one place of the context the model was trained on
-      raise UserError(f"a prompt of {longest} tokens does not fit: the model's context is "
-                      f"{context} tokens with BOS; shorten it to at most {context - 1}")
+    self.check_fits(max(map(len, prompts)))
     out = generate.sample(self.setup, self.params, prompts, sources, self.exclusion(), sampling,
                           gate_mode, seed, use_cache, self.tokenizer.eos,
                           self.tokenizer.vocab_size)
