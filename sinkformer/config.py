@@ -133,9 +133,9 @@ def override(cfg, items, what: str):
   literals, the same type checks and the same nearest-field hints for every surface (`eval
   --set`, sweep points)."""
   items = [str(item) for item in items]
-  bad = [item for item in items if "=" not in item or "." not in item.split("=")[0]]
-  if bad:
-    raise UserError(f"{what} {bad[0]!r}: expected SECTION.FIELD=VALUE")
+  bad = [item for item in items if not item.split("=")[0].strip() or "=" not in item]
+  if bad:   # a top-level field (seed) has no section
+    raise UserError(f"{what} {bad[0]!r}: expected [SECTION.]FIELD=VALUE")
   hint = _unknown(fields(cfg), items)
   if hint:
     raise UserError(f"{what}: {hint}")

@@ -121,7 +121,8 @@ def test_eval_overrides_are_typed_like_the_field(tmp_path):
   assert list(context.settings(str(tmp_path), ["gcg.lengths=8"]).gcg.lengths) == [8]
   for bad, msg in (("relearn.steps=2.5", "relearn.steps=2.5: invalid literal for int"),
                    ("gcg.stepz=3", "unknown config field 'gcg.stepz'; nearest: gcg.steps"),
-                   ("gcg", "expected SECTION.FIELD=VALUE"),
+                   ("gcg", "expected \\[SECTION.\\]FIELD=VALUE"),
+                   ("stepz=3", "unknown config field 'stepz'; sections: capability, gcg, relearn"),
                    ("relearn.mask=weights", "eval.relearn.mask")):
     with pytest.raises(UserError, match=msg):
       context.settings(str(tmp_path), [bad])

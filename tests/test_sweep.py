@@ -24,8 +24,11 @@ def test_points_parse_and_apply_to_the_right_sections():
   assert (c.model.mlp_backbone, c.sinks.num, c.train.lr) == (32, 480, 1e-3)
   assert settings["articles"] == 100
   assert "sweep" not in c and cfg.model.mlp_backbone == 96   # the centre is untouched
-  with pytest.raises(UserError, match="not SECTION.FIELD=VALUE"):
-    sweep.parse_point("x: sinks.k")
+  for bad in ("x: sinks.k", "x: =4"):
+    with pytest.raises(UserError, match=r"not \[SECTION.\]FIELD=VALUE"):
+      sweep.parse_point(bad)
+  seeded = sweep.point_config(cfg, sweep.parse_point("s: seed=1")[1])[0]   # a top-level field
+  assert seeded.seed == 1 and cfg.seed == 0
   nested = sweep.point_config(cfg, sweep.parse_point("dp: train.dp.noise=2.0")[1])[0]
   assert nested.train.dp.noise == 2.0 and cfg.train.dp.noise == 0.0
   with pytest.raises(UserError, match="unknown config field 'train.dp.nois'; nearest: train.dp.noise"):

@@ -47,8 +47,8 @@ def parse_point(spec: str) -> tuple[str, dict]:
   overrides = {}
   for item in filter(None, (x.strip() for x in rest.split(","))):
     key, eq, value = item.partition("=")
-    if not eq or "." not in key.strip():
-      raise UserError(f"sweep point {spec!r}: {item!r} is not SECTION.FIELD=VALUE")
+    if not eq or not key.strip():
+      raise UserError(f"sweep point {spec!r}: {item!r} is not [SECTION.]FIELD=VALUE")
     overrides[key.strip()] = value.strip()
   if not label.strip() or "," in label:
     raise UserError(f"sweep point {spec!r}: its label (before ':') must be non-empty and "
