@@ -17,22 +17,27 @@ from sinkformer.config import apply_presets, base
 TOKENS = 132   # tokens one encyclopedia article takes in packed 128-token rows, measured
 
 
-def point(label: str, articles: int, forget: int, holdout: int, passes: float) -> str:
-  """A sweep point training (articles - holdout) sources for about `passes` epochs."""
-  steps = max(20, round(passes * (articles - holdout) * TOKENS / (16 * 128)))
+def point(label: str, articles: int, forget: int, holdout: int, passes: float,
+          rows: int = 16, seed: int = 0) -> str:
+  """A sweep point training (articles - holdout) sources for about `passes` epochs, `rows`
+  rows a step, the models from `seed` (the retrains from seed and seed + 1)."""
+  steps = max(20, round(passes * (articles - holdout) * TOKENS / (rows * 128)))
   return (f"{label}: sweep.articles={articles}, sweep.forget={forget}, "
           f"sweep.holdout={holdout}, train.steps={steps}, "
           f"train.warmup_steps={min(16, steps // 5)}, train.eval_every={steps}, "
-          f"train.checkpoint_every={max(1, steps // 4)}")
+          f"train.checkpoint_every={max(1, steps // 4)}"
+          + (f", train.batch_size={rows}" if rows != 16 else "")
+          + (f", seed={seed}" if seed else ""))
 
 
 def private(label: str, articles: int, forget: int, holdout: int, passes: float,
-            noise: float | None, clip: float = 8.0) -> str:
+            noise: float | None, clip: float = 8.0, rows: int = 16) -> str:
   """The point with one document a row, and (noise not None) a source-private backbone:
   rows clipped to `clip` (about the trained model's median row gradient norm), noise
-  `noise` x clip."""
+  `noise` x clip. What DP-SGD costs follows noise / rows, the noise on the mean row."""
   dp = "" if noise is None else f", train.dp.clip={clip}, train.dp.noise={noise}"
-  return point(label, articles, forget, holdout, passes) + ", data.max_docs_per_row=1" + dp
+  return (point(label, articles, forget, holdout, passes, rows)
+          + ", data.max_docs_per_row=1" + dp)
 
 
 POINTS = (
@@ -44,6 +49,10 @@ POINTS = (
     point("6400 x1.5", 6400, 200, 400, 1.5),
     private("6400 x1.5 dp noise 1", 6400, 200, 400, 1.5, 1.0),
     private("6400 x1.5 dp noise 4", 6400, 200, 400, 1.5, 4.0),
+    # noise / rows 1/64, a quarter of the 16-row points' least: toward the paper's batch
+    private("6400 x1.5 dp noise 1 rows 64", 6400, 200, 400, 1.5, 1.0, rows=64),
+    private("6400 x1.5 one a row rows 64", 6400, 200, 400, 1.5, None, rows=64),
+    point("6400 x1.5 seed 1", 6400, 200, 400, 1.5, seed=1),
     point("6400 x7", 6400, 200, 400, 7),
     point("20000 x1.5", 20000, 200, 400, 1.5),
 )

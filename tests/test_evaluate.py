@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 
-from sinkformer.eval import metrics
 
 FORGET = "person-000001,person-000002,person-000003"
 
