@@ -387,9 +387,8 @@ def prepare(cfg, log=print):
   before training: `load` only opens prepared data). Later corpora of a mixture are
   tokenized with the first one's tokenizer."""
   import jax
-  shared = None
-  for spec, _ in _raw_specs(cfg, lambda *_: None):   # load says it
-    out = _prepared(spec, cfg, shared)
+  # lazily: a later corpus's directory is named by the first one's tokenizer, prepared by then
+  for spec, _, out, shared in _locations(cfg, lambda *_: None):   # load says it
     if not (storage.path(out) / "manifest.json").exists():
       if jax.process_index() == 0:
         log(f"data: preparing {spec} into {out} (once)")
@@ -399,15 +398,18 @@ def prepare(cfg, log=print):
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"prepare {out}")
-    shared = shared or os.path.join(out, "tokenizer.model")
 
 
-def _prepared(spec: str, cfg, tokenizer: str | None) -> str:
-  """Where `spec`'s prepared data is: itself if it is prepared data, else the trainer's own
-  preparation of it (prepared_dir)."""
-  if (storage.path(spec) / "manifest.json").exists():
-    return spec
-  return prepared_dir(spec, cfg, tokenizer)
+def _locations(cfg, log):
+  """(spec, weight, where its prepared data is, the tokenizer it shares or None) of every raw
+  corpus, one at a time: prepared data is itself, anything else the trainer's preparation
+  of it (prepared_dir); corpora after the first share the first one's tokenizer."""
+  shared = None
+  for spec, weight in _raw_specs(cfg, log):
+    where = (spec if (storage.path(spec) / "manifest.json").exists()
+             else prepared_dir(spec, cfg, shared))
+    yield spec, weight, where, shared
+    shared = shared or os.path.join(where, "tokenizer.model")
 
 
 def _raw_specs(cfg, log) -> list[tuple[str, float]]:
@@ -441,13 +443,11 @@ def load(cfg, log=print) -> Data:
   `prepare`), prepared data, or a weighted mixture `a@3,b@1` (source ids of later corpora
   are offset past earlier ones). Never prepares: an unprepared corpus is an error."""
   d = cfg.data
-  specs = _raw_specs(cfg, log)
-  if not specs:
+  locations = list(_locations(cfg, log))   # all prepared by now
+  if not locations:
     return _builtin(cfg)
   streams, identity, offset, hashes = [], {"corpora": []}, 0, set()
-  for i, (spec, weight) in enumerate(specs):
-    shared = os.path.join(streams[0].docs.path, "tokenizer.model") if streams else None
-    where = _prepared(spec, cfg, shared)
+  for i, (spec, _, where, _) in enumerate(locations):
     if not (storage.path(where) / "manifest.json").exists():
       raise UserError(f"data: {spec} is not prepared; training prepares it, or run 'sinkformer "
                       f"data prepare --corpus {spec} --out DIR' and pass "
@@ -481,12 +481,12 @@ def load(cfg, log=print) -> Data:
                       "data.val_sources > 0 or data.holdout")
   identity["tokenizer_sha256"] = hashes.pop()
   summary = " + ".join(f"{s.docs.name} ({s.keep.sum():,} training docs"
-                       + (f", weight {w:g})" if len(specs) > 1 else ")")
-                       for s, (_, w) in zip(streams, specs))
+                       + (f", weight {loc[1]:g})" if len(locations) > 1 else ")")
+                       for s, loc in zip(streams, locations))
   summary += f"; {len(np.unique(unseen.docs.source_ids[unseen.keep]))} sources held out"
   catalogs = [os.path.join(s.docs.path, "catalog.sqlite") for s in streams]
   sources = [] if len(streams) == 1 else _mixture_sources(streams, catalogs)
-  return Data(Batches(streams, [w for _, w in specs], cfg.train.batch_size), seen, unseen,
+  return Data(Batches(streams, [loc[1] for loc in locations], cfg.train.batch_size), seen, unseen,
               streams[0].docs.vocab_size, identity, summary,
               catalogs[0] if len(streams) == 1 else None, sources)
 
