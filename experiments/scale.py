@@ -1,15 +1,19 @@
 """Toward the method's regime: the regime map along the number of sources, at the paper's ~7
 passes and at ~1.5, with 200 forget and 400 never-seen sources where the corpus holds them
-(a membership AUC's standard error ~0.03; 50 and 100 of 400); and a source-private backbone
-(train.dp) at 400 and 6,400 sources, beside the same layout without it.
+(a membership AUC's standard error ~0.03; 50 and 100 of 400); a second model seed at 6,400
+x 1.5; and a source-private backbone (train.dp) at 400 and 6,400 sources, at 16 and 64 rows
+a step, beside the same layout without it.
 
   sinkformer sweep --config experiments/scale.py --workdir runs/scale
+  sinkformer sweep --config experiments/scale.py --workdir runs/scale --points "6400 x7"
 
 The quickstart NULL and the centre of experiments/regimes.py, on generated encyclopedias of
-400 to 20,000 people; every point trains the NULL, two retrain oracles (model seeds 0 and 1:
-their gap is the noise floor) and two dense controls (total and active parameters). On 2 CPU
-cores: ~3 minutes at 400 sources, ~15 at 1,600, ~75 at 6,400 x 7 passes, ~45 at 20,000 x 1.5
-(7 passes there would take ~3.5 hours and is left out).
+400 to 20,000 people; every point trains the NULL, two retrain oracles (model seeds s and
+s + 1: their gap is the noise floor) and two dense controls (total and active parameters).
+Measured on 2 CPU cores, alone: ~16 minutes at 6,400 x 1.5 (the corpus and its tokenizer
+included), ~24 with DP (its one-a-row dense controls included), ~50 at 6,400 x 7; about
+10 at 1,600 x 1.5 and 5 at 400 x 1.5. 20,000 x 1.5 should take ~50 (not yet measured);
+20,000 x 7 (~4 hours) is left out.
 """
 
 from sinkformer.config import apply_presets, base
