@@ -19,7 +19,7 @@ import dataclasses
 import json
 import os
 import threading
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import grain
 import numpy as np
@@ -400,15 +400,22 @@ def prepare(cfg, log=print):
         multihost_utils.sync_global_devices(f"prepare {out}")
 
 
+class Location(NamedTuple):
+  spec: str              # the corpus as the config names it
+  weight: float          # its share of a mixture's rows
+  where: str             # its prepared data
+  tokenizer: str | None  # the tokenizer it shares (a mixture's later corpora), else None
+
+
 def _locations(cfg, log):
-  """(spec, weight, where its prepared data is, the tokenizer it shares or None) of every raw
-  corpus, one at a time: prepared data is itself, anything else the trainer's preparation
-  of it (prepared_dir); corpora after the first share the first one's tokenizer."""
+  """The Location of every raw corpus of a config, one at a time: prepared data is itself,
+  anything else the trainer's preparation of it (prepared_dir); corpora after the first
+  share the first one's tokenizer."""
   shared = None
   for spec, weight in _raw_specs(cfg, log):
     where = (spec if (storage.path(spec) / "manifest.json").exists()
              else prepared_dir(spec, cfg, shared))
-    yield spec, weight, where, shared
+    yield Location(spec, weight, where, shared)
     shared = shared or os.path.join(where, "tokenizer.model")
 
 
@@ -481,12 +488,12 @@ def load(cfg, log=print) -> Data:
                       "data.val_sources > 0 or data.holdout")
   identity["tokenizer_sha256"] = hashes.pop()
   summary = " + ".join(f"{s.docs.name} ({s.keep.sum():,} training docs"
-                       + (f", weight {loc[1]:g})" if len(locations) > 1 else ")")
+                       + (f", weight {loc.weight:g})" if len(locations) > 1 else ")")
                        for s, loc in zip(streams, locations))
   summary += f"; {len(np.unique(unseen.docs.source_ids[unseen.keep]))} sources held out"
   catalogs = [os.path.join(s.docs.path, "catalog.sqlite") for s in streams]
   sources = [] if len(streams) == 1 else _mixture_sources(streams, catalogs)
-  return Data(Batches(streams, [loc[1] for loc in locations], cfg.train.batch_size), seen, unseen,
+  return Data(Batches(streams, [loc.weight for loc in locations], cfg.train.batch_size), seen, unseen,
               streams[0].docs.vocab_size, identity, summary,
               catalogs[0] if len(streams) == 1 else None, sources)
 
